@@ -1,0 +1,291 @@
+"""Typed experiment configs: schema, YAML layering, ``key=value`` overrides and the config hash.
+
+Layering, later wins (every layer is validated against the schema on its own, so an error
+names the file or the override that caused it):
+
+1. the schema defaults below and the method's ``config_class`` (paper values);
+2. ``experiments/methods/<method>.yaml``: the method's paper hyperparameters (concl_spec §2);
+3. ``experiments/<profile>.yaml``: the profile (``paper`` or ``demo``);
+4. ``experiments/<profile>/<method>.yaml``: the profile's overrides for that method, if any;
+5. ``--config FILE`` files, in order;
+6. ``key=value`` overrides from the command line or the Makefile.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from benchmark.registry import get_method
+from methods.base import MethodConfig
+
+PROFILES = ("paper", "demo")
+#: Real pre-training data whose presence makes ``PROFILE=auto`` pick ``paper``.
+REAL_PRETRAIN_ROOT = Path("datasets/NCT-CRC-HE-100K")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    """Pre-training images: NCT-CRC-HE-100K's layout or any folder of images."""
+
+    root: str = str(REAL_PRETRAIN_ROOT)
+    #: One relative path per line (the original's ``train.txt``); null = every image under root.
+    list_file: str | None = None
+    image_size: int = 224
+    num_workers: int = 4
+    #: Generate the synthetic H&E set into ``root`` when it is absent (demo profile).
+    synthetic: bool = False
+    synthetic_images: int = 1024
+    synthetic_size: int = 224
+    synthetic_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """SGD and the per-epoch LR schedule of the original (mmcv ``by_epoch=True``)."""
+
+    name: str = "sgd"
+    #: LR at ``reference_batch`` images; scaled linearly to the actual global batch.
+    lr: float = 0.03
+    reference_batch: int = 256
+    scale_lr: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: ``cosine`` (to 0, stepped once per epoch) or ``step`` (MoCo-v1).
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    gamma: float = 0.1
+    #: Linear warm-up per iteration over this many epochs, from ``warmup_ratio`` × LR.
+    warmup_epochs: int = 0
+    warmup_ratio: float = 1e-4
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 200
+    #: Global batch over all processes (256 = 8 GPUs × 32 in the paper).
+    batch_size: int = 256
+    #: Images per BatchNorm group: the per-GPU batch of the original 8-GPU layout.
+    bn_batch_size: int = 32
+    seed: int = 0
+    #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    device: str = "auto"
+    amp_bf16: bool = False
+    channels_last: bool = False
+    checkpoint_every: int = 25
+    #: Progress lines (and loss host syncs) every this many steps.
+    log_every: int = 20
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "concl-bench"
+    #: null = ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlruns/mlflow.db``.
+    uri: str | None = None
+    artifact_root: str = "mlruns/artifacts"
+
+
+@dataclass
+class ExperimentConfig:
+    profile: str = "paper"
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: Checkpoints and exported backbones: ``<output_root>/<method>-<config hash>/``.
+    output_root: str = "mlruns/checkpoints"
+
+
+#: Keys that change how a run is executed or logged, not what it computes.
+UNHASHED_KEYS = (
+    "profile",
+    "data.num_workers",
+    "pretrain.device",
+    "pretrain.channels_last",
+    "pretrain.checkpoint_every",
+    "pretrain.log_every",
+    "tracking",
+    "output_root",
+)
+
+
+def experiments_dir() -> Path:
+    return Path("experiments")
+
+
+def _schema(method: str) -> DictConfig:
+    schema = OmegaConf.structured(ExperimentConfig)
+    schema.method = OmegaConf.structured(get_method(method).config_class)
+    return schema
+
+
+def _explain(exc: OmegaConfBaseException, node: DictConfig, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        parent, _, leaf = key.rpartition(".")
+        siblings = OmegaConf.select(node, parent) if parent else node
+        known = list(siblings.keys()) if isinstance(siblings, DictConfig) else []
+        hint = difflib.get_close_matches(leaf, known, n=1)
+        suggestion = f"; did you mean '{parent + '.' if parent else ''}{hint[0]}'?" if hint else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{suggestion}")
+    if isinstance(exc, ValidationError):
+        detail = str(exc).splitlines()[0]
+        return ConfigError(f"{source}: wrong type for config key '{key}': {detail}")
+    return ConfigError(f"{source}: invalid config at '{key}': {str(exc).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, layer: DictConfig | dict[str, Any], source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, base, source) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: one line with the file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys")
+    return loaded
+
+
+def resolve_profile(profile: str) -> tuple[str, str]:
+    """The concrete profile for ``profile`` and why it was chosen."""
+    if profile in PROFILES:
+        return profile, f"PROFILE={profile} was asked for"
+    if profile != "auto":
+        raise ConfigError(f"unknown profile '{profile}'; use one of: auto, {', '.join(PROFILES)}")
+    if real_data_ready():
+        return "paper", f"real pre-training data found in {REAL_PRETRAIN_ROOT}/"
+    return "demo", (
+        f"no real pre-training data in {REAL_PRETRAIN_ROOT}/ (see datasets/README.md); "
+        "using synthetic data"
+    )
+
+
+def real_data_ready() -> bool:
+    root = REAL_PRETRAIN_ROOT
+    return root.is_dir() and any(p.suffix.lower() in (".tif", ".tiff") for p in root.glob("*/*"))
+
+
+def load_config(
+    method: str,
+    profile: str = "auto",
+    config_files: tuple[str | Path, ...] = (),
+    overrides: tuple[str, ...] = (),
+    announce: bool = True,
+) -> DictConfig:
+    """The resolved, validated config for ``method`` (see the module docstring for layering)."""
+    cfg = _schema(method)
+    concrete, why = resolve_profile(profile)
+    if announce:
+        print(f"==> profile: {concrete} ({why})", file=sys.stderr, flush=True)
+    root = experiments_dir()
+    layers = [
+        root / "methods" / f"{method}.yaml",
+        root / f"{concrete}.yaml",
+        root / concrete / f"{method}.yaml",
+    ]
+    for path in layers:
+        if path.is_file():
+            cfg = _merge(cfg, _load_yaml(path), str(path))
+    for path in config_files:
+        cfg = _merge(cfg, _load_yaml(Path(path)), str(path))
+    if overrides:
+        malformed = [o for o in overrides if "=" not in o or o.startswith("=")]
+        if malformed:
+            raise ConfigError(f"override '{malformed[0]}' is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command line: cannot parse overrides: {exc}") from None
+        cfg = _merge(cfg, dotlist, "command line")
+    cfg.profile = concrete
+    if cfg.method.name != method:
+        raise ConfigError(
+            f"method.name is '{cfg.method.name}' but the method asked for is '{method}'; "
+            "choose the method with METHOD= (or --method), not method.name"
+        )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks of values that types alone cannot express."""
+    p, o = cfg.pretrain, cfg.optim
+    checks = [
+        (p.epochs >= 1, "pretrain.epochs must be >= 1"),
+        (p.batch_size >= 1, "pretrain.batch_size must be >= 1"),
+        (p.bn_batch_size >= 1, "pretrain.bn_batch_size must be >= 1"),
+        (p.checkpoint_every >= 1, "pretrain.checkpoint_every must be >= 1"),
+        (p.log_every >= 1, "pretrain.log_every must be >= 1"),
+        (p.device in ("auto", "cpu", "cuda"), "pretrain.device must be auto, cpu or cuda"),
+        (o.name in ("sgd",), f"optim.name '{o.name}' is not supported; use sgd"),
+        (o.schedule in ("cosine", "step"), "optim.schedule must be cosine or step"),
+        (o.lr > 0, "optim.lr must be > 0"),
+        (o.reference_batch >= 1, "optim.reference_batch must be >= 1"),
+        (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (cfg.data.image_size >= 32, "data.image_size must be >= 32"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def _drop(tree: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in tree:
+        return
+    if rest:
+        if isinstance(tree[head], dict):
+            _drop(tree[head], rest)
+    else:
+        del tree[head]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """12 hex digits of SHA-256 over what the run computes; stable under key order."""
+    tree = to_container(cfg)
+    for key in UNHASHED_KEYS:
+        _drop(tree, key)
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

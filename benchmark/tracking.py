@@ -1,0 +1,138 @@
+"""MLflow tracking: one parent run per (method, config hash), one child run per stage.
+
+Only global rank 0 builds a ``Tracker``; every call goes through ``MlflowClient`` with an
+explicit run id, so no process-global "active run" leaks between stages or into torchrun
+children. Metrics are sent in batches (each sqlite round trip costs milliseconds).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` wins, then the config, then the project's sqlite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def git_commit() -> str:
+    """The checked-out commit (``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+class Tracker:
+    """Find-or-create runs by tags so that re-running a command continues, never duplicates."""
+
+    def __init__(self, experiment: str, uri: str | None = None, artifact_root: str | None = None):
+        self.uri = tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = None
+            if artifact_root and "://" not in artifact_root:
+                location = Path(artifact_root).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location or artifact_root
+            )
+
+    def _find(self, filter_string: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, method: str, config_hash: str, tags: Mapping[str, str]) -> str:
+        """The benchmark run of ``method`` at ``config_hash``, created on first use."""
+        run_id = self._find(
+            f"tags.run_kind = 'benchmark' and tags.method = '{_quote(method)}' "
+            f"and tags.config_hash = '{_quote(config_hash)}'"
+        )
+        if run_id is None:
+            all_tags = {"run_kind": "benchmark", "method": method, "config_hash": config_hash}
+            all_tags.update(tags)
+            run = self.client.create_run(
+                self.experiment_id, tags=all_tags, run_name=f"{method}-{config_hash}"
+            )
+            run_id = run.info.run_id
+        return run_id
+
+    def child_run(self, parent_id: str, stage: str, tags: Mapping[str, str]) -> tuple[str, bool]:
+        """The ``stage`` child of ``parent_id`` matching ``tags``; ``True`` when newly made."""
+        clauses = [f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_id}'", f"tags.stage = '{stage}'"]
+        clauses += [f"tags.{k} = '{_quote(str(v))}'" for k, v in tags.items()]
+        run_id = self._find(" and ".join(clauses))
+        if run_id is not None:
+            return run_id, False
+        all_tags = {PARENT_RUN_ID_TAG: parent_id, "stage": stage, "run_kind": stage}
+        all_tags.update({k: str(v) for k, v in tags.items()})
+        name = "-".join([stage, *(str(v) for v in tags.values())])
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        return run.info.run_id, True
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def set_running(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]

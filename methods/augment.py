@@ -1,0 +1,77 @@
+"""Per-view augmentations of spec §3.2, on PIL images (torchvision v1 transforms).
+
+Each method builds its views from these pieces; a new recipe (MoCo-v1, SimCLR, BYOL) is one
+more ``*_view`` function returning a ``transforms.Compose``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image, ImageFilter
+from torch import Tensor
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PILGaussianBlur:
+    """Gaussian blur with σ ~ U(sigma) applied by PIL (radius = σ), as in MoCo-v2/OpenSelfSup.
+
+    PIL's filter is what the original used; torchvision's GaussianBlur needs a kernel size
+    and blurs slightly differently for the same σ. σ comes from torch's RNG, which the
+    DataLoader seeds per worker.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = float(torch.empty(()).uniform_(self.sigma[0], self.sigma[1]))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+def normalize() -> Callable[[Image.Image], Tensor]:
+    """PIL → float tensor normalised with ImageNet mean/std (every method's last step)."""
+    return transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def moco_v2_view(image_size: int) -> transforms.Compose:
+    """One MoCo-v2 / DenseCL view (spec §3.2; OpenSelfSup ``moco_v2`` pipeline)."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
+            transforms.RandomHorizontalFlip(),
+            normalize(),
+        ]
+    )
+
+
+class MultiView:
+    """Per-sample transform returning one tensor per view transform.
+
+    Every call of a transform draws its own random parameters, so ``MultiView([t, t])``
+    gives two independent views of the same image, MoCo's query and key.
+    """
+
+    def __init__(self, transforms: Sequence[Callable[[Image.Image], Tensor]]) -> None:
+        if not transforms:
+            raise ValueError("MultiView needs at least one view transform")
+        self.transforms = list(transforms)
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(t) for t in self.transforms)
+        return f"{type(self).__name__}([\n  {inner}\n])"

@@ -1,0 +1,128 @@
+"""The plugin contract: what a pre-training method owns, and what the engine owns.
+
+The engine owns the process group, DDP, optimizer, LR schedule, AMP, channels_last,
+checkpoints, tracking and progress. A method owns its networks, its views and its loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import MISSING
+from torch import Tensor, nn
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's typed hyperparameters; subclasses hold the paper defaults."""
+
+    name: str = MISSING
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits in the job (torchrun's view, or one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method needs to know about the run to build itself.
+
+    ``bn_batch_size`` is the per-GPU batch of the original 8-GPU layout (32): BatchNorm
+    statistics are computed over groups of that many images whatever the actual layout,
+    so one process with batch 256 normalises like eight GPUs with 32 each.
+    """
+
+    world: World
+    image_size: int
+    local_batch_size: int
+    bn_batch_size: int
+
+    @property
+    def bn_splits(self) -> int:
+        if self.local_batch_size % self.bn_batch_size:
+            raise ValueError(
+                f"per-process batch {self.local_batch_size} is not a multiple of "
+                f"pretrain.bn_batch_size={self.bn_batch_size}: change pretrain.batch_size, "
+                "the number of GPUs or pretrain.bn_batch_size"
+            )
+        return self.local_batch_size // self.bn_batch_size
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Position in training, passed to every step and hook (0-based)."""
+
+    epoch: int
+    step: int
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class Method(nn.Module):
+    """A pre-training method plugin.
+
+    Subclasses set ``config_class`` and are registered with ``@register_method("name")``.
+    ``forward`` is the training step: the engine calls it through DDP so that gradient
+    synchronisation covers exactly the parameters the loss used.
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    name: ClassVar[str] = ""
+    #: DDP option; True only for methods whose loss skips parameters on some steps.
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, build: BuildContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.build_ctx = build
+
+    def views(self) -> Callable[[Any], list[Tensor]]:
+        """Per-sample transform: one PIL image to the list of view tensors."""
+        raise NotImplementedError
+
+    def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        """One training step's loss: ``{"loss": total, <term>: value, ...}``."""
+        raise NotImplementedError
+
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        """Hook for per-epoch switches (warm-up, clustering)."""
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """Hook after the optimizer step (e.g. momentum schedules)."""
+
+    def backbone(self) -> nn.Module:
+        """The encoder that is exported: online / query, never momentum."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; one group of all trainable parameters by default."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
+
+    @classmethod
+    def search_space(cls, trial: Any) -> dict[str, Any]:
+        """Optuna search space as config overrides; methods that are tuned override it."""
+        raise NotImplementedError(f"method {cls.name!r} defines no search space")

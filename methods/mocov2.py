@@ -1,0 +1,89 @@
+"""MoCo-v2 (Chen et al. 2020) as configured in ConCL's NCT pre-training (spec §2).
+
+ResNet-18, MLP head 512→512→128, queue 16384, momentum 0.999, τ 0.2, shuffle-BN. The
+engine supplies SGD (lr 0.03, momentum 0.9, wd 1e-4) and the per-epoch cosine schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmark.registry import register_method
+from methods.augment import MultiView, moco_v2_view
+from methods.backbones import build_trunk
+from methods.base import BuildContext, Method, MethodConfig, StepContext
+from methods.distributed import concat_all_gather
+from methods.heads import MLPHead
+from methods.losses import info_nce
+from methods.momentum import ema_update_, momentum_copy
+from methods.queue import MemoryQueue
+from methods.shuffle_bn import batch_shuffle, batch_unshuffle, convert_split_bn
+
+
+@dataclass
+class MoCoV2Config(MethodConfig):
+    name: str = "mocov2"
+    depth: int = 18
+    hidden_dim: int = 512
+    feat_dim: int = 128
+    queue_size: int = 16384
+    momentum: float = 0.999
+    temperature: float = 0.2
+    shuffle_bn: bool = True
+
+
+@register_method("mocov2")
+class MoCoV2(Method):
+    """Query encoder trained by InfoNCE against a momentum key encoder and a key queue.
+
+    Both encoders are ``ModuleDict(backbone=trunk, head=MLPHead)``, the layout DenseCL and
+    ConCL reuse. With ``build.bn_splits > 1`` their BatchNorms become ``SplitBatchNorm2d``,
+    so BN sees groups of ``bn_batch_size`` images as on the original 8 GPUs × 32.
+    """
+
+    config_class = MoCoV2Config
+    cfg: MoCoV2Config
+
+    def __init__(self, cfg: MoCoV2Config, build: BuildContext) -> None:
+        super().__init__(cfg, build)
+        trunk = build_trunk(cfg.depth)
+        self.encoder_q = nn.ModuleDict(
+            {"backbone": trunk, "head": MLPHead(trunk.out_channels, cfg.hidden_dim, cfg.feat_dim)}
+        )
+        convert_split_bn(self.encoder_q, build.bn_splits)
+        self.encoder_k = momentum_copy(self.encoder_q)
+        self.queue = MemoryQueue(cfg.queue_size, cfg.feat_dim)
+
+    def views(self) -> Callable[[Any], list[Tensor]]:
+        view = moco_v2_view(self.build_ctx.image_size)
+        return MultiView([view, view])
+
+    @staticmethod
+    def embed(encoder: nn.ModuleDict, images: Tensor) -> Tensor:
+        """L2-normalised projection of globally pooled layer4 features, in float32."""
+        pooled = encoder["backbone"](images).mean(dim=(2, 3))
+        return F.normalize(encoder["head"](pooled).float(), dim=1)
+
+    def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        im_q, im_k = views
+        q = self.embed(self.encoder_q, im_q)
+        with torch.no_grad():
+            # As in MoCo: the key encoder moves before it encodes this step's keys.
+            ema_update_(self.encoder_k, self.encoder_q, self.cfg.momentum)
+            if self.cfg.shuffle_bn:
+                im_k, idx_unshuffle = batch_shuffle(im_k)
+            k = self.embed(self.encoder_k, im_k)
+            if self.cfg.shuffle_bn:
+                k = batch_unshuffle(k, idx_unshuffle)
+        loss = info_nce(q, k, self.queue.keys(), self.cfg.temperature)
+        self.queue.enqueue(concat_all_gather(k))
+        return {"loss": loss}
+
+    def backbone(self) -> nn.Module:
+        return self.encoder_q["backbone"]
