@@ -40,7 +40,9 @@ def warmup_factor(iteration: int, warmup_iters: int, ratio: float) -> float:
     return 1.0 - (1.0 - iteration / warmup_iters) * (1.0 - ratio)
 
 
-def learning_rate(optim: DictConfig, lr: float, epochs: int, iteration: int, iters_per_epoch: int) -> float:
+def learning_rate(
+    optim: DictConfig, lr: float, epochs: int, iteration: int, iters_per_epoch: int
+) -> float:
     """The LR at a global ``iteration`` (0-based), for an already batch-scaled ``lr``."""
     epoch = iteration // iters_per_epoch
     value = epoch_lr(lr, epoch, epochs, optim.schedule, list(optim.milestones), optim.gamma)

@@ -25,9 +25,17 @@ def test_layers_apply_in_order():
 
 def test_paper_profile_keeps_paper_hyperparameters():
     cfg = load_config("mocov2", "paper", announce=False)
-    assert (cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature) == (16384, 0.999, 0.2)
+    assert (cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature) == (
+        16384,
+        0.999,
+        0.2,
+    )
     assert (cfg.method.hidden_dim, cfg.method.feat_dim) == (512, 128)
-    assert (cfg.pretrain.batch_size, cfg.pretrain.bn_batch_size, cfg.pretrain.epochs) == (256, 32, 200)
+    assert (cfg.pretrain.batch_size, cfg.pretrain.bn_batch_size, cfg.pretrain.epochs) == (
+        256,
+        32,
+        200,
+    )
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.schedule) == (0.03, 1e-4, "cosine")
     assert cfg.data.image_size == 224
 
@@ -41,7 +49,10 @@ def test_override_types_are_converted():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("pretrain.epoch=3", "command line: unknown config key 'pretrain.epoch'; did you mean 'pretrain.epochs'?"),
+        (
+            "pretrain.epoch=3",
+            "command line: unknown config key 'pretrain.epoch'; did you mean 'pretrain.epochs'?",
+        ),
         ("method.temprature=0.1", "did you mean 'method.temperature'?"),
         ("pretrain.epochs=abc", "command line: wrong type for config key 'pretrain.epochs'"),
         ("nonsense", "override 'nonsense' is not of the form key=value"),
@@ -59,11 +70,17 @@ def test_bad_overrides_name_the_key(override: str, message: str):
 def test_bad_key_in_file_names_file_and_key(tmp_path: Path):
     bad = tmp_path / "mine.yaml"
     bad.write_text("pretrain:\n  batchsize: 64\n")
-    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown config key 'pretrain\.batchsize'; did you mean 'pretrain\.batch_size'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"mine\.yaml: unknown config key 'pretrain\.batchsize'; "
+        r"did you mean 'pretrain\.batch_size'",
+    ):
         demo(files=(str(bad),))
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("data:\n  image_size: big\n")
-    with pytest.raises(ConfigError, match=r"wrong\.yaml: wrong type for config key 'data\.image_size'"):
+    with pytest.raises(
+        ConfigError, match=r"wrong\.yaml: wrong type for config key 'data\.image_size'"
+    ):
         demo(files=(str(wrong),))
 
 
@@ -108,4 +125,8 @@ def test_unknown_profile():
 
 
 def test_flatten():
-    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": 1,
+        "a.c.d": [1, 2],
+        "e": None,
+    }

@@ -17,7 +17,10 @@ def test_builtin_mocov2_is_registered():
 def test_unknown_method_is_one_line_listing_registered():
     with pytest.raises(UnknownMethodError) as info:
         get_method("nope")
-    assert str(info.value) == f"unknown method 'nope'; registered methods: {', '.join(registered_methods())}"
+    assert (
+        str(info.value)
+        == f"unknown method 'nope'; registered methods: {', '.join(registered_methods())}"
+    )
 
 
 def test_register_rejects_non_methods_and_duplicates(monkeypatch: pytest.MonkeyPatch):

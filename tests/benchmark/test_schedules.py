@@ -36,7 +36,13 @@ def test_warmup_from_ratio():
 
 def test_learning_rate_constant_within_epoch():
     optim = OmegaConf.create(
-        {"schedule": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 0, "warmup_ratio": 0.0}
+        {
+            "schedule": "cosine",
+            "milestones": [],
+            "gamma": 0.1,
+            "warmup_epochs": 0,
+            "warmup_ratio": 0.0,
+        }
     )
     values = [learning_rate(optim, 0.1, 4, it, 5) for it in range(20)]
     assert values[:5] == [pytest.approx(0.1)] * 5

@@ -1,0 +1,202 @@
+"""``concl-bench`` (also ``python -m benchmark``): the suite's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from benchmark import __version__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause and fix: printed as one line instead of a traceback."""
+    from benchmark.config import ConfigError
+    from benchmark.data.pretrain import DatasetError
+    from benchmark.engine import TrainingDiverged
+    from benchmark.registry import UnknownMethodError
+
+    return (ConfigError, UnknownMethodError, DatasetError, TrainingDiverged)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", "-m", required=True, help="registered method, e.g. mocov2")
+    p.add_argument(
+        "--profile",
+        default=os.environ.get("PROFILE", "auto"),
+        help="paper | demo | auto (default: paper when real data is prepared, else demo)",
+    )
+    p.add_argument("--epochs", type=int, help="shorthand for pretrain.epochs=N")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="processes to launch with torchrun (GPUs; gloo processes on a CPU machine)",
+    )
+    p.add_argument(
+        "--config", action="append", default=[], metavar="FILE", help="extra YAML layered on top"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concl-bench",
+        description=(
+            "Benchmark self-supervised pre-training for gland detection in pathology "
+            "(ConCL, ECCV 2022): pre-train, fine-tune Mask R-CNN, track everything in MLflow."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare data under datasets/")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    gen = data_sub.add_parser(
+        "generate", help="write the synthetic H&E pre-training set (NCT-CRC-HE-100K layout)"
+    )
+    gen.add_argument("--root", help="target folder (default: the demo profile's data.root)")
+    gen.add_argument("--num-images", type=int, help="number of patches (default: demo profile)")
+    gen.add_argument("--size", type=int, help="patch size in pixels (default: demo profile)")
+    gen.add_argument("--seed", type=int, help="generator seed (default: demo profile)")
+
+    pre = sub.add_parser(
+        "pretrain",
+        help="pre-train a method (resumes the newest checkpoint of the same config)",
+        description=(
+            "Pre-train METHOD and export its query/online backbone as a torchvision ResNet "
+            "state_dict. Re-running the same command resumes, and never makes a second MLflow "
+            "run. Examples: concl-bench pretrain -m mocov2 --profile demo --epochs 2; "
+            "concl-bench pretrain -m mocov2 --gpus 8 pretrain.amp_bf16=true"
+        ),
+    )
+    _add_run_options(pre)
+
+    sub.add_parser("methods", help="list the registered methods")
+    return parser
+
+
+def _data_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from benchmark.config import DataConfig, experiments_dir
+    from benchmark.data.synthetic import write_pretrain_set
+
+    demo = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        OmegaConf.load(experiments_dir() / "demo.yaml").get("data", {}),
+    )
+    root = Path(args.root or demo.root)
+    n = args.num_images or demo.synthetic_images
+    size = args.size or demo.synthetic_size
+    seed = demo.synthetic_seed if args.seed is None else args.seed
+    print(f"==> writing {n} synthetic H&E patches of {size} px to {root}", file=sys.stderr)
+    write_pretrain_set(root, n, size, seed, list_file=demo.list_file or "train.txt")
+    print(f"==> synthetic pre-training set ready: {root}", file=sys.stderr)
+    return 0
+
+
+def _torchrun(gpus: int, argv: Sequence[str]) -> int:
+    """Re-run this command under torchrun with ``gpus`` processes on this machine."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={gpus}",
+        "-m",
+        "benchmark",
+        *argv,
+    ]
+    print(
+        f"==> launching {gpus} processes: torchrun ... -m benchmark {' '.join(argv)}",
+        file=sys.stderr,
+    )
+    rc = subprocess.call(cmd)
+    if rc:
+        print(
+            f"error: a torchrun worker failed (exit {rc}); see the messages above", file=sys.stderr
+        )
+    return rc
+
+
+def _strip_gpus(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--gpus":
+            skip = True
+            continue
+        if item.startswith("--gpus="):
+            continue
+        out.append(item)
+    return out
+
+
+def _pretrain(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmark.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"pretrain.epochs={args.epochs}")
+    under_torchrun = "LOCAL_RANK" in os.environ
+    is_main = os.environ.get("RANK", "0") == "0"
+    cfg = load_config(
+        args.method, args.profile, tuple(args.config), tuple(overrides), announce=is_main
+    )
+    if args.gpus < 1:
+        raise ConfigError("--gpus / GPUS must be >= 1")
+    if args.gpus > 1 and not under_torchrun:
+        import torch
+
+        visible = torch.cuda.device_count() if cfg.pretrain.device != "cpu" else 0
+        if visible and args.gpus > visible:
+            raise ConfigError(f"GPUS={args.gpus} but only {visible} CUDA devices are visible")
+        return _torchrun(args.gpus, _strip_gpus(argv))
+
+    from benchmark.distributed import init_world, shutdown
+    from benchmark.engine import run_pretrain
+
+    world = init_world(cfg.pretrain.device)
+    try:
+        run_pretrain(cfg, world)
+    finally:
+        shutdown()
+    return 0
+
+
+def _methods() -> int:
+    from benchmark.registry import get_method, registered_methods
+
+    for name in registered_methods():
+        doc = (get_method(name).__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {doc[0] if doc else ''}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            return _data_generate(args)
+        if args.command == "pretrain":
+            return _pretrain(args, argv)
+        if args.command == "methods":
+            return _methods()
+    except _user_errors() as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

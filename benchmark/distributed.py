@@ -1,0 +1,65 @@
+"""Process-group set-up from torchrun's environment (gloo on CPU, nccl on CUDA)."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from methods.base import World
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("pretrain.device=cuda but no CUDA device is visible; use device=cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_world(device_preference: str = "auto") -> World:
+    """This process's place in the job; joins the process group when torchrun started us."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = resolve_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        # Processes on one machine share its cores; oversubscription slows everyone.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=60))
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def barrier(world: World) -> None:
+    if world.is_distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def broadcast_object(obj: object, world: World) -> object:
+    """Rank 0's ``obj`` on every rank (for decisions only rank 0 can make)."""
+    if not world.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

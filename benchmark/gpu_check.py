@@ -1,0 +1,172 @@
+"""``make gpu-check``: a short, printed health check of the suite on a CUDA machine.
+
+CUDA and bf16 autocast work; every registered method trains a few steps at the paper's
+per-process setting (224 px, batch 256 on one GPU, BN over groups of 32) in fp32 and in
+bf16 + channels_last, with throughput and peak memory; the image pipeline's throughput;
+and one short end-to-end demo pre-training on the GPU. Never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmark.config import load_config
+from benchmark.engine import Pretrainer, build_loader, build_method, run_pretrain
+from benchmark.registry import registered_methods
+from methods.base import World
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _sync(world: World) -> None:
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+
+
+def method_throughput(name: str, world: World, batch: int, steps: int, amp: bool, cl: bool) -> str:
+    cfg = load_config(
+        name,
+        "paper",
+        overrides=(
+            f"pretrain.device={world.device.type}",
+            f"pretrain.batch_size={batch}",
+            f"pretrain.amp_bf16={str(amp).lower()}",
+            f"pretrain.channels_last={str(cl).lower()}",
+        ),
+        announce=False,
+    )
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    method = build_method(cfg, world)
+    size = cfg.data.image_size
+    views = [torch.randn(batch, 3, size, size, device=world.device) for _ in range(2)]
+    trainer = Pretrainer(cfg, world, method, steps_per_epoch=steps)
+    warm = trainer.train_epoch([views] * 3, epoch=0)
+    start = time.perf_counter()
+    out = trainer.train_epoch([views] * steps, epoch=0)
+    _sync(world)
+    rate = steps * batch / (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if world.device.type == "cuda" else 0.0
+    ok = all(torch.isfinite(torch.tensor(v)) for v in (warm["loss"], out["loss"]))
+    return (
+        f"{name:8s} bf16={amp!s:5s} channels_last={cl!s:5s} batch {batch} @ {size}px: "
+        f"{rate:8.1f} img/s, peak {peak:5.1f} GiB, loss {out['loss']:.4f} finite={ok}"
+    )
+
+
+def loader_throughput(name: str, world: World, root: Path, workers: int, batch: int) -> str:
+    from benchmark.data.pretrain import PretrainImageDataset
+
+    cfg = load_config(
+        name,
+        "paper",
+        overrides=(
+            f"data.root={root}",
+            f"data.num_workers={workers}",
+            f"pretrain.batch_size={batch}",
+        ),
+        announce=False,
+    )
+    method = build_method(cfg, World())
+    dataset = PretrainImageDataset(root, None, transform=method.views())
+    n, first, start = 0, None, time.perf_counter()
+    for views in build_loader(cfg, World(), dataset):
+        if first is None:
+            first = time.perf_counter()
+        else:
+            n += views[0].shape[0]
+    end = time.perf_counter()
+    rate = n / max(end - (first or end), 1e-9)
+    startup = (first or end) - start
+    return (
+        f"{name:8s} data pipeline ({workers} workers, 224 px views): {rate:8.1f} img/s steady, "
+        f"{startup:.1f} s to the first batch"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--images", type=int, default=4096, help="synthetic patches for I/O check")
+    parser.add_argument("--device", default="cuda", help="cpu runs the same checks as a dry run")
+    parser.add_argument("--epochs", type=int, default=2, help="end-to-end pre-training epochs")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _say("gpu-check: no CUDA device visible; nothing to check")
+        return 1
+    dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    world = World(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        props = torch.cuda.get_device_properties(dev)
+        _say(
+            f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, capability "
+            f"{props.major}.{props.minor}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"bf16 supported: {torch.cuda.is_bf16_supported()}"
+        )
+    a = torch.randn(2048, 2048, device=dev)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        x @ x
+        _sync(world)
+        start = time.perf_counter()
+        for _ in range(20):
+            x @ x
+        _sync(world)
+        tflops = 20 * 2 * 2048**3 / (time.perf_counter() - start) / 1e12
+        _say(f"matmul 2048^2 {str(dtype):15s}: {tflops:7.2f} TFLOP/s")
+    for name in registered_methods():
+        for amp, cl in ((False, False), (True, False), (True, True)):
+            _say(method_throughput(name, world, args.batch, args.steps, amp, cl))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from benchmark.data.synthetic import write_pretrain_set
+
+        root = Path(tmp) / "nct"
+        start = time.perf_counter()
+        write_pretrain_set(root, args.images, 224, 0)
+        _say(f"synthetic data: {args.images} patches in {time.perf_counter() - start:.1f} s")
+        workers = min(16, os.cpu_count() or 1)
+        for name in registered_methods():
+            _say(loader_throughput(name, world, root, workers, args.batch))
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        for name in registered_methods():
+            cfg = load_config(
+                name,
+                "demo",
+                overrides=(
+                    f"data.root={root}",
+                    "data.synthetic=false",
+                    "data.list_file=null",
+                    f"data.num_workers={workers}",
+                    f"pretrain.device={dev.type}",
+                    f"pretrain.amp_bf16={str(dev.type == 'cuda').lower()}",
+                    f"pretrain.epochs={args.epochs}",
+                    f"output_root={tmp}/out",
+                ),
+                announce=False,
+            )
+            start = time.perf_counter()
+            result = run_pretrain(cfg, world)
+            _say(
+                f"{name:8s} end-to-end demo pre-training ({dev.type}): {result.epochs_done} "
+                f"epochs in {time.perf_counter() - start:.1f} s; backbone exported: "
+                f"{result.backbone_path.is_file()}"
+            )
+    _say("gpu-check: done (fine-tuning checks arrive with the transfer stage)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Run by the DDP test under torchrun: pre-train, then save this rank's weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmark.config import load_config
+from benchmark.distributed import init_world, shutdown
+from benchmark.engine import run_pretrain
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = load_config("mocov2", "demo", overrides=tuple(sys.argv[2:]), announce=False)
+    world = init_world("cpu")
+    try:
+        result = run_pretrain(cfg, world)
+        torch.save(result.method.state_dict(), out / f"rank{world.rank}.pth")
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The command line as a user meets it: one-line errors, help, and the torchrun launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from benchmark.cli import _strip_gpus, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmark", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_unknown_method_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
+    assert main(["pretrain", "--method", "nope", "--profile", "demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unknown method 'nope'; registered methods: mocov2"]
+
+
+def test_misspelt_key_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
+    assert main(["pretrain", "-m", "mocov2", "--profile", "demo", "pretrain.epoch=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: command line: unknown config key 'pretrain.epoch'; did you mean 'pretrain.epochs'?"
+    )
+    assert len(err) == 2  # the profile banner, then the error
+
+
+def test_missing_data_root_says_what_to_do(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    args = ["pretrain", "-m", "mocov2", "--profile", "demo", "--epochs", "1"]
+    overrides = [f"data.root={tmp_path / 'absent'}", "data.synthetic=false"]
+    assert main([*args, *overrides, f"output_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "does not exist" in err and "make data" in err
+
+
+def test_methods_and_help(capsys: pytest.CaptureFixture[str]):
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().out.startswith("mocov2")
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--help"])
+    assert info.value.code == 0
+    assert "--gpus" in capsys.readouterr().out
+
+
+def test_strip_gpus():
+    assert _strip_gpus(["pretrain", "--gpus", "2", "-m", "x", "--gpus=4", "a=1"]) == [
+        "pretrain",
+        "-m",
+        "x",
+        "a=1",
+    ]
+
+
+def test_gpus_2_launches_two_gloo_processes_and_logs_one_child(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    overrides = [
+        f"data.root={images}",
+        "data.list_file=null",
+        "data.synthetic=false",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "pretrain.batch_size=8",
+        "pretrain.bn_batch_size=4",
+        "pretrain.device=cpu",
+        "method.queue_size=64",
+        f"output_root={tmp_path / 'out'}",
+    ]
+    args = ["pretrain", "-m", "mocov2", "--profile", "demo", "--epochs", "1", "--gpus", "2"]
+    proc = cli(*args, *overrides, env={"CI": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching 2 processes" in proc.stderr
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("concl-bench")
+    children = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
+    assert len(children) == 1
+    assert children[0].data.params["world_size"] == "2"
+    assert children[0].info.status == "FINISHED"

@@ -1,0 +1,157 @@
+"""End-to-end pre-training on a tiny image folder: tracking, export, resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from benchmark.config import load_config
+from benchmark.engine import run_pretrain
+from methods.base import World
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"img{i:03d}.png")
+    return root
+
+
+def tiny_overrides(images: Path, out: Path, *extra: str) -> tuple[str, ...]:
+    return (
+        f"data.root={images}",
+        "data.list_file=null",
+        "data.synthetic=false",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "pretrain.batch_size=8",
+        "pretrain.bn_batch_size=4",
+        "pretrain.epochs=2",
+        "pretrain.device=cpu",
+        "pretrain.channels_last=false",
+        "method.queue_size=64",
+        f"output_root={out}",
+        *extra,
+    )
+
+
+def tiny(images: Path, out: Path, *extra: str):
+    return load_config(
+        "mocov2", "demo", overrides=tiny_overrides(images, out, *extra), announce=False
+    )
+
+
+def runs(tag_filter: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("concl-bench")
+    return client.search_runs([exp.experiment_id], filter_string=tag_filter) if exp else []
+
+
+def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(
+    image_folder: Path, tmp_path: Path
+):
+    cfg = tiny(image_folder, tmp_path)
+    result = run_pretrain(cfg, World())
+    assert result.epochs_done == 2 and not result.already_finished
+
+    parents = runs("tags.run_kind = 'benchmark'")
+    children = runs("tags.stage = 'pretrain'")
+    assert len(parents) == 1 and len(children) == 1
+    parent, child = parents[0], children[0]
+    for tag in ("method", "epochs", "profile", "config_hash", "git_commit"):
+        assert tag in parent.data.tags
+    assert parent.data.tags["method"] == "mocov2" and parent.data.tags["epochs"] == "2"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.info.status == "FINISHED"
+    assert child.data.params["method.queue_size"] == "64"
+    assert child.data.params["lr_scaled"] == str(0.03 * 8 / 256)
+    history = MlflowClient().get_metric_history(child.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    assert all(np.isfinite(m.value) for m in history)
+    lrs = MlflowClient().get_metric_history(child.info.run_id, "lr")
+    # cosine per epoch from the scaled LR: epoch 1 at the full LR, epoch 2 at half of it
+    assert [m.value for m in lrs] == pytest.approx([0.03 * 8 / 256, 0.03 * 8 / 256 * 0.5])
+    assert "images_per_sec" in child.data.metrics
+    artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id)}
+    assert {"config.yaml", "backbone.pth"} <= artifacts
+
+    state = torch.load(result.backbone_path, weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    assert torch.equal(state["conv1.weight"], result.method.backbone().conv1.weight.detach())
+
+    # the same command again: nothing re-runs, nothing is duplicated
+    again = run_pretrain(tiny(image_folder, tmp_path), World())
+    assert again.already_finished
+    assert len(runs("tags.run_kind = 'benchmark'")) == 1
+    assert len(runs("tags.stage = 'pretrain'")) == 1
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder: Path, tmp_path: Path):
+    straight = run_pretrain(
+        tiny(image_folder, tmp_path / "straight", "tracking.experiment=a"), World()
+    )
+
+    cfg = tiny(image_folder, tmp_path / "resumed", "tracking.experiment=b")
+    first = run_pretrain(cfg, World(), stop_after_epoch=1)
+    assert first.epochs_done == 1 and not first.backbone_path.exists()
+    assert (first.run_dir / "epoch_0001.pth").is_file()
+    resumed = run_pretrain(cfg, World())
+    assert resumed.epochs_done == 2
+
+    a, b = straight.method.state_dict(), resumed.method.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("b")
+    children = client.search_runs([exp.experiment_id], "tags.stage = 'pretrain'")
+    assert len(children) == 1
+    history = client.get_metric_history(children[0].info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    assert children[0].info.status == "FINISHED"
+
+
+def test_two_process_gloo_pretraining_keeps_ranks_in_sync(image_folder: Path, tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(REPO / "tests" / "benchmark" / "_ddp_worker.py"),
+        str(tmp_path),
+        *tiny_overrides(image_folder, tmp_path / "out"),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    params = [k for k in rank0 if "running_" not in k and "num_batches" not in k]
+    assert any(k.startswith("encoder_k") for k in params)
+    assert any(k.startswith("queue") for k in params)
+    for key in params:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert len(runs("tags.stage = 'pretrain'")) == 1
+    assert len(runs("tags.run_kind = 'benchmark'")) == 1
+    child = runs("tags.stage = 'pretrain'")[0]
+    assert child.data.params["world_size"] == "2"
+    assert len(MlflowClient().get_metric_history(child.info.run_id, "loss")) == 2
