@@ -23,6 +23,7 @@ from PIL import Image
 
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_method
+from benchmark.progress import Progress
 from benchmark.registry import registered_methods
 from methods.base import StepContext, World
 
@@ -55,8 +56,9 @@ def _harness_rate(cfg, batches) -> float:
     method = build_method(cfg, world)
     trainer = Pretrainer(cfg, world, method, steps_per_epoch=len(batches))
     trainer.train_epoch(batches[:2], epoch=0)  # warm-up: allocator, first-call costs
+    progress = Progress(world, 0, 1, len(batches), cfg.pretrain.batch_size)
     start = time.perf_counter()
-    trainer.train_epoch(batches, epoch=0)
+    trainer.train_epoch(batches, epoch=0, progress=progress)  # with its loss syncs and lines
     return len(batches) * cfg.pretrain.batch_size / (time.perf_counter() - start)
 
 

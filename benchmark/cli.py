@@ -21,6 +21,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, UnknownMethodError, DatasetError, TrainingDiverged)
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line.
+
+    An error raised in a DataLoader worker comes back wrapped in the worker's traceback;
+    its own message is the last line, after ``module.ErrorName: ``.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", required=True, help="registered method, e.g. mocov2")
     p.add_argument(
@@ -193,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _methods()
     except _user_errors() as exc:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -97,3 +97,19 @@ def test_gpus_2_launches_two_gloo_processes_and_logs_one_child(tmp_path: Path):
     assert len(children) == 1
     assert children[0].data.params["world_size"] == "2"
     assert children[0].info.status == "FINISHED"
+
+
+def test_worker_errors_are_reduced_to_their_own_line(tmp_path: Path):
+    from torch.utils.data import DataLoader
+
+    from benchmark.cli import one_line
+    from benchmark.data.pretrain import DatasetError, PretrainImageDataset
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    loader = DataLoader(PretrainImageDataset(tmp_path), num_workers=1, collate_fn=list)
+    with pytest.raises(DatasetError) as info:
+        next(iter(loader))
+    assert "\n" in str(info.value)  # what PyTorch hands back from the worker
+    line = one_line(info.value)
+    assert line.startswith("cannot read image ") and "broken.png" in line
+    assert one_line(DatasetError("plain")) == "plain"
