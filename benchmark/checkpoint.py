@@ -14,6 +14,10 @@ import torch
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says what to do."""
+
+
 def run_dir(output_root: str | Path, method: str, config_hash: str) -> Path:
     return Path(output_root) / f"{method}-{config_hash}"
 
@@ -61,7 +65,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}); move it aside to resume "
             "from the previous one"
         ) from None

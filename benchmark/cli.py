@@ -13,12 +13,13 @@ from benchmark import __version__
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can cause and fix: printed as one line instead of a traceback."""
+    from benchmark.checkpoint import CheckpointError
     from benchmark.config import ConfigError
     from benchmark.data.pretrain import DatasetError
     from benchmark.engine import TrainingDiverged
     from benchmark.registry import UnknownMethodError
 
-    return (ConfigError, UnknownMethodError, DatasetError, TrainingDiverged)
+    return (ConfigError, UnknownMethodError, DatasetError, TrainingDiverged, CheckpointError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -155,7 +156,7 @@ def _strip_gpus(argv: Sequence[str]) -> list[str]:
 
 
 def _pretrain(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from benchmark.config import ConfigError, load_config
+    from benchmark.config import ConfigError, check_layout, load_config
 
     overrides = list(args.overrides)
     if args.epochs is not None:
@@ -167,6 +168,7 @@ def _pretrain(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     if args.gpus < 1:
         raise ConfigError("--gpus / GPUS must be >= 1")
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
     if args.gpus > 1 and not under_torchrun:
         import torch
 

@@ -251,6 +251,22 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(message)
 
 
+def check_layout(cfg: DictConfig, world_size: int) -> None:
+    """The global batch must split evenly over processes, and each share into BN groups."""
+    batch, bn = cfg.pretrain.batch_size, cfg.pretrain.bn_batch_size
+    if batch % world_size:
+        raise ConfigError(
+            f"pretrain.batch_size={batch} does not split over {world_size} processes: "
+            "change the batch size or GPUS"
+        )
+    local = batch // world_size
+    if local % min(bn, local):
+        raise ConfigError(
+            f"the per-process batch {local} is not a multiple of pretrain.bn_batch_size={bn}: "
+            "change pretrain.batch_size, GPUS or pretrain.bn_batch_size"
+        )
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 

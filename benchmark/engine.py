@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmark import checkpoint as ckpt
-from benchmark.config import config_hash, flatten, to_container, to_yaml
+from benchmark.config import check_layout, config_hash, flatten, to_container, to_yaml
 from benchmark.data.seeding import MODEL_STREAM, EpochTaggedSampler, SeededSamples, mix_seed
 from benchmark.distributed import barrier, seed_everything
 from benchmark.progress import Progress
@@ -56,18 +56,15 @@ def build_method(cfg: DictConfig, world: World) -> Method:
     """The plugin for ``cfg.method``, built with the same initial weights on every rank."""
     method_cls = get_method(cfg.method.name)
     p = cfg.pretrain
-    if p.batch_size % world.world_size:
-        raise ValueError(
-            f"pretrain.batch_size={p.batch_size} is not divisible by the {world.world_size} "
-            "processes; change the batch size or GPUS"
-        )
+    check_layout(cfg, world.world_size)
+    local_batch = p.batch_size // world.world_size
     build = BuildContext(
         world=world,
         image_size=cfg.data.image_size,
-        local_batch_size=p.batch_size // world.world_size,
-        bn_batch_size=min(p.bn_batch_size, p.batch_size // world.world_size),
+        local_batch_size=local_batch,
+        # BN cannot see more images than a process holds (no SyncBN in these methods).
+        bn_batch_size=min(p.bn_batch_size, local_batch),
     )
-    build.bn_splits  # noqa: B018  (validates divisibility with a clear message)
     seed_everything(p.seed)
     method_cfg = method_cls.config_class(**to_container(cfg.method))
     return method_cls(method_cfg, build)
@@ -324,7 +321,10 @@ def run_pretrain(
     if latest is not None:
         state = ckpt.load_checkpoint(latest)
         if state.get("config_hash") != digest:
-            raise RuntimeError(f"checkpoint {latest} belongs to another config; move it aside")
+            raise ckpt.CheckpointError(
+                f"checkpoint {latest} belongs to config {state.get('config_hash')}, not {digest}; "
+                "move it aside"
+            )
         start_epoch = trainer.load_state_dict(state)
         say(
             f"==> pretrain: resuming {cfg.method.name} {digest} from {latest} (epoch {start_epoch})"

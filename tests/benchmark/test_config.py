@@ -130,3 +130,22 @@ def test_flatten():
         "a.c.d": [1, 2],
         "e": None,
     }
+
+
+@pytest.mark.parametrize(
+    ("batch", "bn", "world", "message"),
+    [
+        (32, 16, 3, "pretrain.batch_size=32 does not split over 3 processes"),
+        (48, 32, 1, "the per-process batch 48 is not a multiple of pretrain.bn_batch_size=32"),
+    ],
+)
+def test_layout_errors(batch: int, bn: int, world: int, message: str):
+    cfg = demo(f"pretrain.batch_size={batch}", f"pretrain.bn_batch_size={bn}")
+    with pytest.raises(ConfigError, match=message):
+        config_mod.check_layout(cfg, world)
+
+
+def test_layout_accepts_groups_larger_than_a_process_share():
+    # 8 processes x 16 images: BN groups shrink to the 16 images a process holds
+    config_mod.check_layout(demo("pretrain.batch_size=128", "pretrain.bn_batch_size=32"), 8)
+    config_mod.check_layout(demo("pretrain.batch_size=256", "pretrain.bn_batch_size=32"), 1)

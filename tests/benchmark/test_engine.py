@@ -14,8 +14,9 @@ import torchvision
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from benchmark.checkpoint import CheckpointError
 from benchmark.config import load_config
-from benchmark.engine import run_pretrain
+from benchmark.engine import TrainingDiverged, run_pretrain
 from methods.base import World
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,3 +156,22 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(image_folder: Path, tm
     child = runs("tags.stage = 'pretrain'")[0]
     assert child.data.params["world_size"] == "2"
     assert len(MlflowClient().get_metric_history(child.info.run_id, "loss")) == 2
+
+
+def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(image_folder: Path, tmp_path: Path):
+    cfg = tiny(image_folder, tmp_path, "pretrain.epochs=3")
+    first = run_pretrain(cfg, World(), stop_after_epoch=1)
+    broken = first.run_dir / "epoch_0002.pth"
+    broken.write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"epoch_0002\.pth cannot be read .*move it aside"):
+        run_pretrain(cfg, World())
+    assert broken.read_bytes() == b"truncated"
+    assert (first.run_dir / "epoch_0001.pth").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_message(image_folder: Path, tmp_path: Path):
+    cfg = tiny(image_folder, tmp_path, "optim.lr=1e30", "pretrain.log_every=1")
+    with pytest.raises(TrainingDiverged, match="training diverged; lower optim.lr"):
+        run_pretrain(cfg, World())
+    child = runs("tags.stage = 'pretrain'")[0]
+    assert child.info.status == "FAILED"
