@@ -446,6 +446,13 @@ def _ring_nuclei(
     return _soft(d, half[0], px) * there * (0.85 + 0.3 * jit)
 
 
+def _gland_compartments(rho: Array, radius: float, lumen_r: float, px: float):
+    """Soft masks of a gland (inside), its epithelial ring (epi) and its lumen."""
+    inside = np.clip((1.0 - rho) * radius / px + 0.5, 0.0, 1.0)
+    epi = np.clip((rho - lumen_r) * radius / px + 0.5, 0.0, 1.0) * inside
+    return inside, epi, inside - epi
+
+
 def _normal_mucosa(rng: np.random.Generator, r: _Region):
     radius = _u(rng, 30.0, 42.0)
     g, rho, theta = _gland_field(
@@ -453,9 +460,7 @@ def _normal_mucosa(rng: np.random.Generator, r: _Region):
         aspect=_u(rng, 1.0, 1.8), warp=_u(rng, 3.0, 7.0), presence=0.9,
     )  # fmt: skip
     lumen_r = _u(rng, 0.3, 0.45)
-    inside = np.clip((1.0 - rho) * radius / r.px + 0.5, 0.0, 1.0)
-    epi = np.clip((rho - lumen_r) * radius / r.px + 0.5, 0.0, 1.0) * inside
-    lumen = inside - epi
+    inside, epi, lumen = _gland_compartments(rho, radius, lumen_r, r.px)
     goblet = _ring_nuclei(
         rng, g, rho, theta, r.px, radius=radius, centre=(lumen_r + 0.72) / 2,
         spacing=11.0, half=(3.5, radius * 0.14), keep=0.8,
@@ -481,9 +486,7 @@ def _tumour(rng: np.random.Generator, r: _Region):
         aspect=_u(rng, 1.0, 2.0), warp=_u(rng, 10.0, 18.0), presence=0.95,
     )  # fmt: skip
     lumen_r = _u(rng, 0.08, 0.35)
-    inside = np.clip((1.0 - rho) * radius / r.px + 0.5, 0.0, 1.0)
-    epi = np.clip((rho - lumen_r) * radius / r.px + 0.5, 0.0, 1.0) * inside
-    lumen = inside - epi
+    inside, epi, lumen = _gland_compartments(rho, radius, lumen_r, r.px)
     rad = _u(rng, 5.0, 6.5)
     nuc = _nearest(
         rng, r.x, r.y, (11.5, 11.5), (rad * 1.3, rad * 0.85), presence=0.96, jitter=1.0,

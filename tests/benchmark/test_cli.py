@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from benchmark.cli import _strip_gpus, main
 
@@ -69,25 +67,9 @@ def test_strip_gpus():
     ]
 
 
-def test_gpus_2_launches_two_gloo_processes_and_logs_one_child(tmp_path: Path):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    overrides = [
-        f"data.root={images}",
-        "data.list_file=null",
-        "data.synthetic=false",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "pretrain.batch_size=8",
-        "pretrain.bn_batch_size=4",
-        "pretrain.device=cpu",
-        "method.queue_size=64",
-        f"output_root={tmp_path / 'out'}",
-    ]
-    args = ["pretrain", "-m", "mocov2", "--profile", "demo", "--epochs", "1", "--gpus", "2"]
+def test_gpus_2_launches_two_gloo_processes_and_logs_one_child(tiny_overrides, tmp_path: Path):
+    overrides = tiny_overrides(tmp_path / "out", "pretrain.epochs=1")
+    args = ["pretrain", "-m", "mocov2", "--profile", "demo", "--gpus", "2"]
     proc = cli(*args, *overrides, env={"CI": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launching 2 processes" in proc.stderr

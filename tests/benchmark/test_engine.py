@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from benchmark.checkpoint import CheckpointError
 from benchmark.config import load_config
@@ -22,40 +21,12 @@ from methods.base import World
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(32):
-        sub = root / ("a" if i % 2 else "b")
-        sub.mkdir(exist_ok=True)
-        pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(sub / f"img{i:03d}.png")
-    return root
+@pytest.fixture
+def tiny(tiny_overrides):
+    def make(out: Path, *extra: str):
+        return load_config("mocov2", "demo", overrides=tiny_overrides(out, *extra), announce=False)
 
-
-def tiny_overrides(images: Path, out: Path, *extra: str) -> tuple[str, ...]:
-    return (
-        f"data.root={images}",
-        "data.list_file=null",
-        "data.synthetic=false",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "pretrain.batch_size=8",
-        "pretrain.bn_batch_size=4",
-        "pretrain.epochs=2",
-        "pretrain.device=cpu",
-        "pretrain.channels_last=false",
-        "method.queue_size=64",
-        f"output_root={out}",
-        *extra,
-    )
-
-
-def tiny(images: Path, out: Path, *extra: str):
-    return load_config(
-        "mocov2", "demo", overrides=tiny_overrides(images, out, *extra), announce=False
-    )
+    return make
 
 
 def runs(tag_filter: str) -> list:
@@ -64,10 +35,8 @@ def runs(tag_filter: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string=tag_filter) if exp else []
 
 
-def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(
-    image_folder: Path, tmp_path: Path
-):
-    cfg = tiny(image_folder, tmp_path)
+def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(tiny, tmp_path: Path):
+    cfg = tiny(tmp_path)
     result = run_pretrain(cfg, World())
     assert result.epochs_done == 2 and not result.already_finished
 
@@ -98,18 +67,16 @@ def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(
     assert torch.equal(state["conv1.weight"], result.method.backbone().conv1.weight.detach())
 
     # the same command again: nothing re-runs, nothing is duplicated
-    again = run_pretrain(tiny(image_folder, tmp_path), World())
+    again = run_pretrain(tiny(tmp_path), World())
     assert again.already_finished
     assert len(runs("tags.run_kind = 'benchmark'")) == 1
     assert len(runs("tags.stage = 'pretrain'")) == 1
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder: Path, tmp_path: Path):
-    straight = run_pretrain(
-        tiny(image_folder, tmp_path / "straight", "tracking.experiment=a"), World()
-    )
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path: Path):
+    straight = run_pretrain(tiny(tmp_path / "straight", "tracking.experiment=a"), World())
 
-    cfg = tiny(image_folder, tmp_path / "resumed", "tracking.experiment=b")
+    cfg = tiny(tmp_path / "resumed", "tracking.experiment=b")
     first = run_pretrain(cfg, World(), stop_after_epoch=1)
     assert first.epochs_done == 1 and not first.backbone_path.exists()
     assert (first.run_dir / "epoch_0001.pth").is_file()
@@ -130,7 +97,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(image_folder: Pat
     assert children[0].info.status == "FINISHED"
 
 
-def test_two_process_gloo_pretraining_keeps_ranks_in_sync(image_folder: Path, tmp_path: Path):
+def test_two_process_gloo_pretraining_keeps_ranks_in_sync(tiny_overrides, tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -140,7 +107,7 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(image_folder: Path, tm
         "--nproc-per-node=2",
         str(REPO / "tests" / "benchmark" / "_ddp_worker.py"),
         str(tmp_path),
-        *tiny_overrides(image_folder, tmp_path / "out"),
+        *tiny_overrides(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,8 +125,8 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(image_folder: Path, tm
     assert len(MlflowClient().get_metric_history(child.info.run_id, "loss")) == 2
 
 
-def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(image_folder: Path, tmp_path: Path):
-    cfg = tiny(image_folder, tmp_path, "pretrain.epochs=3")
+def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tiny, tmp_path: Path):
+    cfg = tiny(tmp_path, "pretrain.epochs=3")
     first = run_pretrain(cfg, World(), stop_after_epoch=1)
     broken = first.run_dir / "epoch_0002.pth"
     broken.write_bytes(b"truncated")
@@ -169,8 +136,8 @@ def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(image_folder: Path, 
     assert (first.run_dir / "epoch_0001.pth").is_file()
 
 
-def test_nan_loss_stops_with_a_clear_message(image_folder: Path, tmp_path: Path):
-    cfg = tiny(image_folder, tmp_path, "optim.lr=1e30", "pretrain.log_every=1")
+def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path: Path):
+    cfg = tiny(tmp_path, "optim.lr=1e30", "pretrain.log_every=1")
     with pytest.raises(TrainingDiverged, match="training diverged; lower optim.lr"):
         run_pretrain(cfg, World())
     child = runs("tags.stage = 'pretrain'")[0]
