@@ -141,29 +141,40 @@ def main(argv: list[str] | None = None) -> int:
         for name in registered_methods():
             _say(loader_throughput(name, world, root, workers, args.batch))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        sizes = {
+            "demo-size": (),
+            "paper-size": (
+                "data.image_size=224",
+                f"pretrain.batch_size={args.batch}",
+                "pretrain.bn_batch_size=32",
+                "pretrain.channels_last=false",
+            ),
+        }
         for name in registered_methods():
-            cfg = load_config(
-                name,
-                "demo",
-                overrides=(
-                    f"data.root={root}",
-                    "data.synthetic=false",
-                    "data.list_file=null",
-                    f"data.num_workers={workers}",
-                    f"pretrain.device={dev.type}",
-                    f"pretrain.amp_bf16={str(dev.type == 'cuda').lower()}",
-                    f"pretrain.epochs={args.epochs}",
-                    f"output_root={tmp}/out",
-                ),
-                announce=False,
-            )
-            start = time.perf_counter()
-            result = run_pretrain(cfg, world)
-            _say(
-                f"{name:8s} end-to-end demo pre-training ({dev.type}): {result.epochs_done} "
-                f"epochs in {time.perf_counter() - start:.1f} s; backbone exported: "
-                f"{result.backbone_path.is_file()}"
-            )
+            for label, extra in sizes.items():
+                cfg = load_config(
+                    name,
+                    "demo",
+                    overrides=(
+                        f"data.root={root}",
+                        "data.synthetic=false",
+                        "data.list_file=null",
+                        f"data.num_workers={workers}",
+                        f"pretrain.device={dev.type}",
+                        f"pretrain.amp_bf16={str(dev.type == 'cuda').lower()}",
+                        f"pretrain.epochs={args.epochs}",
+                        f"output_root={tmp}/out",
+                        *extra,
+                    ),
+                    announce=False,
+                )
+                start = time.perf_counter()
+                result = run_pretrain(cfg, world)
+                _say(
+                    f"{name:8s} end-to-end {label} pre-training ({dev.type}): "
+                    f"{result.epochs_done} epochs in {time.perf_counter() - start:.1f} s; "
+                    f"backbone exported: {result.backbone_path.is_file()}"
+                )
     _say("gpu-check: done (fine-tuning checks arrive with the transfer stage)")
     return 0
 
