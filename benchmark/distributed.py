@@ -54,12 +54,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def broadcast_object(obj: object, world: World) -> object:
-    """Rank 0's ``obj`` on every rank (for decisions only rank 0 can make)."""
-    if not world.is_distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

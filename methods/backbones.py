@@ -30,10 +30,6 @@ class ResNetTrunk(resnet.ResNet):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
-    def stage_channels(self, stage: str) -> int:
-        widths = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-        return widths[stage] if stage == "stem" else widths[stage] * self.layer1[0].expansion
-
     def forward_stages(self, x: Tensor, stages: tuple[str, ...] = ("layer4",)) -> dict[str, Tensor]:
         """Feature maps of the requested stages; stops after the deepest one asked for."""
         out: dict[str, Tensor] = {}

@@ -117,7 +117,7 @@ class Method(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups; one group of all trainable parameters by default."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        return [{"params": list(self.trainable_parameters())}]
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
