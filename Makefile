@@ -10,12 +10,15 @@ METHOD  ?= mocov2
 EPOCHS  ?=
 GPUS    ?= 1
 PROFILE ?= auto
+SEEDS   ?=
+WEIGHTS ?=
 ARGS    ?=
 PORT    ?= 5000
 
-RUN_OPTS = --method $(METHOD) --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS))
+RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark test lint format bench gpu-check ui methods
+.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods
 
 install: $(STAMP)
 
@@ -31,9 +34,14 @@ data: $(STAMP)
 pretrain: $(STAMP)
 	$(PY) -m benchmark pretrain $(RUN_OPTS)
 
-# The transfer stage (GlaS/CRAG fine-tuning) joins this target with issue 3; today it
-# pre-trains and exports the backbone.
-benchmark: pretrain
+# Pre-train (or reuse), fine-tune on GlaS and CRAG for SEEDS seeds, aggregate, print the table.
+benchmark: $(STAMP)
+	$(PY) -m benchmark benchmark $(RUN_OPTS)
+
+# Score someone else's torchvision-format ResNet-18 weights: make finetune WEIGHTS=path.pth
+finetune: $(STAMP)
+	@test -n "$(WEIGHTS)" || { echo "error: set WEIGHTS=path/to/backbone.pth"; exit 2; }
+	$(PY) -m benchmark finetune --weights $(WEIGHTS) $(COMMON) $(ARGS)
 
 methods: $(STAMP)
 	$(PY) -m benchmark methods

@@ -24,7 +24,7 @@ from PIL import Image
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_method
 from benchmark.progress import Progress
-from benchmark.registry import registered_methods
+from benchmark.registry import get_method, registered_methods
 from methods.base import StepContext, World
 
 #: The fixed setting: 64 px views, global batch 32, BN over 16, one process on the CPU.
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per loop (median)")
     parser.add_argument("--methods", nargs="*", help="default: every registered method")
     args = parser.parse_args(argv)
-    names = args.methods or registered_methods()
+    names = args.methods or [m for m in registered_methods() if get_method(m).pretrains]
     report: dict[str, object] = {
         "setting": {
             "overrides": list(SETTING),

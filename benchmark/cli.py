@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from benchmark import __version__
 
@@ -36,8 +37,10 @@ def one_line(exc: BaseException) -> str:
     return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", "-m", required=True, help="registered method, e.g. mocov2")
+def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -> None:
+    if method_required:
+        p.add_argument("--method", "-m", required=True, help="registered method, e.g. mocov2")
+    p.add_argument("--seeds", type=int, help="shorthand for finetune.seeds=N")
     p.add_argument(
         "--profile",
         default=os.environ.get("PROFILE", "auto"),
@@ -76,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, help="number of patches (default: demo profile)")
     gen.add_argument("--size", type=int, help="patch size in pixels (default: demo profile)")
     gen.add_argument("--seed", type=int, help="generator seed (default: demo profile)")
+    prep = data_sub.add_parser(
+        "prepare", help="convert a GlaS or CRAG release (or accept a COCO folder) for fine-tuning"
+    )
+    prep.add_argument("dataset", choices=["glas", "crag"])
+    prep.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
+    check = data_sub.add_parser(
+        "check", help="validate a prepared dataset and list every problem by file"
+    )
+    check.add_argument("dataset", help="glas, crag, or the path of a prepared COCO folder")
+    check.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
 
     pre = sub.add_parser(
         "pretrain",
@@ -88,13 +101,41 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_run_options(pre)
+    pre.set_defaults(seeds=None)
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="pre-train, fine-tune on GlaS and CRAG for every seed, and aggregate",
+        description=(
+            "The whole benchmark for METHOD: pre-train (or reuse the finished pre-training of "
+            "the same config), fine-tune Mask R-CNN R18-FPN on each dataset SEEDS times, "
+            "evaluate COCO AP and print the results table. Re-running continues; finished "
+            "seeds are never re-run. METHOD=random is the random-init baseline."
+        ),
+    )
+    _add_run_options(bench)
+
+    fine = sub.add_parser(
+        "finetune",
+        help="score any torchvision-format ResNet-18 weights with the transfer stage",
+    )
+    fine.add_argument("--weights", required=True, type=Path, help="backbone state_dict (.pth)")
+    fine.set_defaults(method="random")
+    _add_run_options(fine, method_required=False)
+
+    export = sub.add_parser("export", help="write backbone weights for detectron2 (.pkl)")
+    export.add_argument("--format", choices=["detectron2"], default="detectron2")
+    export.add_argument("source", type=Path, help="torchvision ResNet state_dict (backbone.pth)")
+    export.add_argument("target", type=Path, help="output .pkl")
+    imp = sub.add_parser("import", help="read a detectron2 .pkl back into torchvision keys")
+    imp.add_argument("source", type=Path, help="detectron2 .pkl")
+    imp.add_argument("target", type=Path, help="output .pth")
 
     sub.add_parser("methods", help="list the registered methods")
     return parser
 
 
 def _data_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
@@ -155,17 +196,23 @@ def _strip_gpus(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _pretrain(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """pretrain / benchmark / finetune: validate here, then run or relaunch under torchrun."""
     from benchmark.config import ConfigError, check_layout, load_config
 
     overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"pretrain.epochs={args.epochs}")
+    if getattr(args, "seeds", None) is not None:
+        overrides.append(f"finetune.seeds={args.seeds}")
     under_torchrun = "LOCAL_RANK" in os.environ
     is_main = os.environ.get("RANK", "0") == "0"
     cfg = load_config(
         args.method, args.profile, tuple(args.config), tuple(overrides), announce=is_main
     )
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"--weights {weights} does not exist")
     if args.gpus < 1:
         raise ConfigError("--gpus / GPUS must be >= 1")
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
@@ -178,14 +225,52 @@ def _pretrain(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _torchrun(args.gpus, _strip_gpus(argv))
 
     from benchmark.distributed import init_world, shutdown
-    from benchmark.engine import run_pretrain
 
     world = init_world(cfg.pretrain.device)
     try:
-        run_pretrain(cfg, world)
+        if args.command == "pretrain":
+            from benchmark.engine import run_pretrain
+
+            run_pretrain(cfg, world)
+        else:
+            from benchmark.pipeline import run_benchmark
+
+            run_benchmark(cfg, world, weights=weights)
     finally:
         shutdown()
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from benchmark.transfer.detectron2 import export_detectron2, import_detectron2
+
+    if args.command == "export":
+        export_detectron2(args.source, args.target)
+    else:
+        import_detectron2(args.source, args.target)
+    print(f"==> wrote {args.target}", file=sys.stderr)
+    return 0
+
+
+def _data_prepare_or_check(args: argparse.Namespace) -> int:
+    from benchmark.config import load_config
+    from benchmark.data.coco import check_dataset
+    from benchmark.distributed import init_world
+    from benchmark.transfer.finetune import prepare_dataset_for
+
+    if args.data_command == "check" and args.dataset not in ("glas", "crag"):
+        root = Path(args.dataset)
+    else:
+        cfg = load_config("random", args.profile)
+        root = prepare_dataset_for(cfg, args.dataset, init_world("cpu"))
+    if args.data_command == "prepare":
+        print(f"==> {args.dataset} ready for fine-tuning: {root}", file=sys.stderr)
+        return 0
+    problems = check_dataset(root)
+    for problem in problems:
+        print(problem)
+    print(f"==> {root}: {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _methods() -> int:
@@ -202,9 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "data":
-            return _data_generate(args)
-        if args.command == "pretrain":
-            return _pretrain(args, argv)
+            if args.data_command == "generate":
+                return _data_generate(args)
+            return _data_prepare_or_check(args)
+        if args.command in ("pretrain", "benchmark", "finetune"):
+            return _run(args, argv)
+        if args.command in ("export", "import"):
+            return _export(args)
         if args.command == "methods":
             return _methods()
     except _user_errors() as exc:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from benchmark.registry import get_method
@@ -98,14 +98,84 @@ class TrackingConfig:
 
 
 @dataclass
+class DetectionDataConfig:
+    """One transfer dataset and its detectron2 schedule (concl_spec §4.2)."""
+
+    #: The release as downloaded (GlaS/CRAG layout) or an already-converted COCO folder.
+    raw_root: str = MISSING
+    #: Where the COCO conversion is written (ignored when raw_root is already COCO).
+    root: str = MISSING
+    #: Generate synthetic raw data into raw_root when it is absent (demo profile).
+    synthetic: bool = False
+    synthetic_train: int = 24
+    synthetic_test: int = 12
+    synthetic_height: int = 192
+    synthetic_width: int = 256
+    iterations: int = 5000
+    steps: list[int] = field(default_factory=lambda: [4000])
+    #: Shortest edge sampled uniformly in [lo, hi] for training (``range`` sampling).
+    min_size_train: list[int] = field(default_factory=lambda: [400, 522])
+    min_size_test: int = 522
+    max_size: int = 1333
+
+
+def _glas() -> DetectionDataConfig:
+    return DetectionDataConfig(raw_root="datasets/GlaS", root="datasets/prepared/GlaS")
+
+
+def _crag() -> DetectionDataConfig:
+    return DetectionDataConfig(
+        raw_root="datasets/CRAG",
+        root="datasets/prepared/CRAG",
+        iterations=15000,
+        steps=[10000, 13000],
+        min_size_train=[768, 1024],
+        min_size_test=768,
+    )
+
+
+@dataclass
+class FinetuneConfig:
+    """Mask R-CNN R18-FPN fine-tuning, detectron2's "1x" recipe of the ConCL benchmark."""
+
+    datasets: list[str] = field(default_factory=lambda: ["glas", "crag"])
+    seeds: int = 5
+    #: Images per iteration over all processes (IMS_PER_BATCH).
+    batch_size: int = 16
+    #: LR at ``reference_batch`` images; scaled linearly to ``batch_size``.
+    lr: float = 0.02
+    reference_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 1e-3
+    precise_bn_iters: int = 200
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    amp_bf16: bool = False
+    num_workers: int = 4
+    eval_batch_size: int = 2
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    glas: DetectionDataConfig = field(default_factory=_glas)
+    crag: DetectionDataConfig = field(default_factory=_crag)
+
+
+@dataclass
 class ExperimentConfig:
     profile: str = "paper"
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    #: Checkpoints and exported backbones: ``<output_root>/<method>-<config hash>/``.
+    #: Checkpoints and exported backbones: ``<output_root>/<method>-<pretrain hash>/``.
     output_root: str = "mlruns/checkpoints"
 
 
@@ -117,9 +187,19 @@ UNHASHED_KEYS = (
     "pretrain.channels_last",
     "pretrain.checkpoint_every",
     "pretrain.log_every",
+    "finetune.num_workers",
+    "finetune.eval_batch_size",
+    "finetune.checkpoint_every",
+    "finetune.log_every",
+    "finetune.glas.raw_root",
+    "finetune.glas.root",
+    "finetune.crag.raw_root",
+    "finetune.crag.root",
     "tracking",
     "output_root",
 )
+#: What pre-training computes does not depend on the transfer stage.
+PRETRAIN_SECTIONS = ("method", "data", "optim", "pretrain")
 
 
 def experiments_dir() -> Path:
@@ -245,7 +325,28 @@ def validate(cfg: DictConfig) -> None:
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (cfg.data.image_size >= 32, "data.image_size must be >= 32"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.finetune.seeds >= 1, "finetune.seeds must be >= 1"),
+        (cfg.finetune.batch_size >= 1, "finetune.batch_size must be >= 1"),
+        (
+            all(d in ("glas", "crag") for d in cfg.finetune.datasets),
+            f"finetune.datasets must name glas and/or crag, got {list(cfg.finetune.datasets)}",
+        ),
     ]
+    for name in ("glas", "crag"):
+        d = cfg.finetune[name]
+        prefix = f"finetune.{name}"
+        checks += [
+            (d.iterations >= 1, f"{prefix}.iterations must be >= 1"),
+            (len(d.min_size_train) == 2, f"{prefix}.min_size_train must be [lo, hi]"),
+            (
+                len(d.min_size_train) != 2 or d.min_size_train[0] <= d.min_size_train[1],
+                f"{prefix}.min_size_train must be [lo, hi] with lo <= hi",
+            ),
+            (
+                list(d.steps) == sorted(d.steps) and all(0 < s < d.iterations for s in d.steps),
+                f"{prefix}.steps must be increasing and inside (0, {prefix}.iterations)",
+            ),
+        ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -282,11 +383,25 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
         del tree[head]
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """12 hex digits of SHA-256 over what the run computes; stable under key order."""
+def config_hash(cfg: DictConfig, sections: tuple[str, ...] | None = None) -> str:
+    """12 hex digits of SHA-256 over what the run computes; stable under key order.
+
+    ``sections`` restricts the hash to those top-level keys (see ``pretrain_hash``).
+    """
     tree = to_container(cfg)
     for key in UNHASHED_KEYS:
         _drop(tree, key)
+    if sections is not None:
+        tree = {k: v for k, v in tree.items() if k in sections}
+    return digest(tree)
+
+
+def pretrain_hash(cfg: DictConfig) -> str:
+    """The hash that keys a pre-training run: changing fine-tuning keys reuses it."""
+    return config_hash(cfg, PRETRAIN_SECTIONS)
+
+
+def digest(tree: Any) -> str:
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

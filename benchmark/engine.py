@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmark import checkpoint as ckpt
-from benchmark.config import check_layout, config_hash, flatten, to_container, to_yaml
+from benchmark.config import check_layout, flatten, pretrain_hash, to_container, to_yaml
 from benchmark.data.seeding import MODEL_STREAM, EpochTaggedSampler, SeededSamples, mix_seed
 from benchmark.distributed import barrier, seed_everything
-from benchmark.progress import Progress
+from benchmark.progress import Progress, main_printer
 from benchmark.registry import get_method
 from benchmark.schedules import learning_rate, scaled_lr
 from methods.base import BuildContext, Method, StepContext, World
@@ -243,25 +243,20 @@ def _ensure_data(cfg: DictConfig, world: World) -> None:
     barrier(world)
 
 
-def _open_tracking(
-    cfg: DictConfig, digest: str, world: World, start_epoch: int
+def _open_child(
+    cfg: DictConfig, digest: str, world: World, start_epoch: int, parent: tuple[Any, str] | None
 ) -> tuple[Any, str | None, str | None]:
+    """Rank 0: the pre-training child under the benchmark's parent (opened if not given)."""
     if not world.is_main:
         return None, None, None
-    from benchmark.tracking import Tracker, git_commit
+    from benchmark.tracking import open_parent
 
-    t = cfg.tracking
-    tracker = Tracker(t.experiment, t.uri, t.artifact_root)
-    parent = tracker.parent_run(
-        cfg.method.name,
-        digest,
-        {"epochs": str(cfg.pretrain.epochs), "profile": cfg.profile, "git_commit": git_commit()},
-    )
+    tracker, parent_id = parent if parent is not None else open_parent(cfg)
     child, created = tracker.child_run(
-        parent, "pretrain", {"method": cfg.method.name, "config_hash": digest}
+        parent_id, "pretrain", {"method": cfg.method.name, "pretrain_hash": digest}
     )
     if created:
-        params = flatten(to_container(cfg))
+        params = flatten({k: v for k, v in to_container(cfg).items() if k != "finetune"})
         params.update(
             {
                 "world_size": world.world_size,
@@ -272,36 +267,37 @@ def _open_tracking(
                     cfg.optim.reference_batch,
                     cfg.optim.scale_lr,
                 ),
-                "config_hash": digest,
+                "pretrain_hash": digest,
             }
         )
         tracker.log_params(child, params)
         tracker.log_text(child, to_yaml(cfg), "config.yaml")
-        tracker.log_text(parent, to_yaml(cfg), "config.yaml")
     else:
         tracker.set_running(child)
-    tracker.set_running(parent)
     tracker.set_tags(
         child, {"resumed_from_epoch": start_epoch, "last_world_size": world.world_size}
     )
-    return tracker, parent, child
+    return tracker, parent_id, child
 
 
 def run_pretrain(
     cfg: DictConfig,
     world: World,
     stop_after_epoch: int | None = None,
+    parent: tuple[Any, str] | None = None,
 ) -> PretrainResult:
     """Pre-train ``cfg.method``, resuming from the newest checkpoint of the same config.
 
+    ``parent`` is the (tracker, run id) of a benchmark that owns the parent run; without
+    it the parent is found or made here and closed with the pre-training's status.
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
     """
     from benchmark.data.pretrain import PretrainImageDataset
 
-    digest = config_hash(cfg)
+    digest = pretrain_hash(cfg)
     directory = ckpt.run_dir(cfg.output_root, cfg.method.name, digest)
     backbone_path = directory / BACKBONE_FILE
-    say = _printer(world)
+    say = main_printer(world)
     if (directory / DONE_FILE).is_file() and backbone_path.is_file():
         say(
             f"==> pretrain: {cfg.method.name} config {digest} already finished "
@@ -320,17 +316,17 @@ def run_pretrain(
     latest = ckpt.latest_checkpoint(directory)
     if latest is not None:
         state = ckpt.load_checkpoint(latest)
-        if state.get("config_hash") != digest:
+        if state.get("pretrain_hash") != digest:
             raise ckpt.CheckpointError(
-                f"checkpoint {latest} belongs to config {state.get('config_hash')}, not {digest}; "
-                "move it aside"
+                f"checkpoint {latest} belongs to config {state.get('pretrain_hash')}, "
+                f"not {digest}; move it aside"
             )
         start_epoch = trainer.load_state_dict(state)
         say(
             f"==> pretrain: resuming {cfg.method.name} {digest} from {latest} (epoch {start_epoch})"
         )
 
-    tracker, parent_id, run_id = _open_tracking(cfg, digest, world, start_epoch)
+    tracker, parent_id, run_id = _open_child(cfg, digest, world, start_epoch, parent)
     if world.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(to_yaml(cfg))
@@ -360,7 +356,7 @@ def run_pretrain(
                 tracker.log_metrics(run_id, metrics, step=done)
                 last = done == cfg.pretrain.epochs
                 if last or done % cfg.pretrain.checkpoint_every == 0 or done == stop_after_epoch:
-                    extra = {"config_hash": digest, "mlflow_run_id": run_id}
+                    extra = {"pretrain_hash": digest, "mlflow_run_id": run_id}
                     ckpt.save_torch(
                         trainer.state_dict(done, extra), ckpt.checkpoint_path(directory, done)
                     )
@@ -379,7 +375,7 @@ def run_pretrain(
             tracker.log_artifact(run_id, backbone_path)
             tracker.log_artifact(run_id, directory / "config.yaml")
             ckpt.save_json(
-                {"config_hash": digest, "epochs": cfg.pretrain.epochs, "mlflow_run_id": run_id},
+                {"pretrain_hash": digest, "epochs": cfg.pretrain.epochs, "mlflow_run_id": run_id},
                 directory / DONE_FILE,
             )
             say(f"==> pretrain: done; backbone: {backbone_path}")
@@ -394,12 +390,5 @@ def run_pretrain(
     finally:
         if tracker is not None:
             tracker.finish(run_id, status)
-            tracker.finish(parent_id, status)
-
-
-def _printer(world: World):
-    def say(message: str) -> None:
-        if world.is_main:
-            print(message, file=sys.stderr, flush=True)
-
-    return say
+            if parent is None or status != "FINISHED":
+                tracker.finish(parent_id, status)

@@ -19,7 +19,7 @@ import torch
 
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_loader, build_method, run_pretrain
-from benchmark.registry import registered_methods
+from benchmark.registry import get_method, registered_methods
 from methods.base import World
 
 
@@ -93,6 +93,10 @@ def loader_throughput(name: str, world: World, root: Path, workers: int, batch: 
     )
 
 
+def pretraining_methods() -> list[str]:
+    return [m for m in registered_methods() if get_method(m).pretrains]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         _sync(world)
         tflops = 20 * 2 * 2048**3 / (time.perf_counter() - start) / 1e12
         _say(f"matmul 2048^2 {str(dtype):15s}: {tflops:7.2f} TFLOP/s")
-    for name in registered_methods():
+    for name in pretraining_methods():
         for amp, cl in ((False, False), (True, False), (True, True)):
             _say(method_throughput(name, world, args.batch, args.steps, amp, cl))
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         write_pretrain_set(root, args.images, 224, 0)
         _say(f"synthetic data: {args.images} patches in {time.perf_counter() - start:.1f} s")
         workers = min(16, os.cpu_count() or 1)
-        for name in registered_methods():
+        for name in pretraining_methods():
             _say(loader_throughput(name, world, root, workers, args.batch))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         sizes = {
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pretrain.channels_last=false",
             ),
         }
-        for name in registered_methods():
+        for name in pretraining_methods():
             for label, extra in sizes.items():
                 cfg = load_config(
                     name,

@@ -11,6 +11,16 @@ from tqdm import tqdm
 from methods.base import World
 
 
+def main_printer(world: World):
+    """``say(message)``: a line on stderr from global rank 0 only."""
+
+    def say(message: str) -> None:
+        if world.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
 def interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 

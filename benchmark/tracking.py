@@ -136,3 +136,30 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+
+def open_parent(cfg: Any, label: str | None = None) -> tuple[Tracker, str]:
+    """The tracker and the parent run of ``cfg`` (a resolved experiment config).
+
+    The parent is keyed by (``label`` or the method, hash of the whole config), so the
+    pre-training child and every fine-tuning child of one benchmark hang under one run.
+    External weights pass a label naming their file's digest.
+    """
+    from benchmark.config import config_hash, pretrain_hash, to_yaml
+
+    t = cfg.tracking
+    tracker = Tracker(t.experiment, t.uri, t.artifact_root)
+    parent = tracker.parent_run(
+        label or cfg.method.name,
+        config_hash(cfg),
+        {
+            "epochs": str(cfg.pretrain.epochs),
+            "profile": cfg.profile,
+            "git_commit": git_commit(),
+            "pretrain_hash": pretrain_hash(cfg),
+        },
+    )
+    if "config.yaml" not in {a.path for a in tracker.client.list_artifacts(parent)}:
+        tracker.log_text(parent, to_yaml(cfg), "config.yaml")
+    tracker.set_running(parent)
+    return tracker, parent

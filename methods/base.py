@@ -91,6 +91,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: DDP option; True only for methods whose loss skips parameters on some steps.
     find_unused_parameters: ClassVar[bool] = False
+    #: False for baselines that skip pre-training (random initialisation).
+    pretrains: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, build: BuildContext) -> None:
         super().__init__()

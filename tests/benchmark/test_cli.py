@@ -29,7 +29,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_unknown_method_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
     assert main(["pretrain", "--method", "nope", "--profile", "demo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown method 'nope'; registered methods: mocov2"]
+    assert err == ["error: unknown method 'nope'; registered methods: mocov2, random"]
 
 
 def test_misspelt_key_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
