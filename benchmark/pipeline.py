@@ -113,7 +113,15 @@ def run_benchmark(
             per_seed[name] = []
             for seed in range(1, cfg.finetune.seeds + 1):
                 metrics = _one_seed(
-                    cfg, name, seed, weights, world, base, tracker, parent, finetune,
+                    cfg,
+                    name,
+                    seed,
+                    weights,
+                    world,
+                    base,
+                    tracker,
+                    parent,
+                    finetune,
                     stop_after_iter,
                 )
                 if metrics:
@@ -125,7 +133,8 @@ def run_benchmark(
         if world.is_main:
             tracker.log_metrics(parent, summary, step=0)
             label = cfg.method.name if not external else f"{Path(weights).name}"
-            say("\n" + results_table(label, cfg.pretrain.epochs, summary, cfg.finetune.seeds))
+            epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
+            say("\n" + results_table(label, epochs, summary, cfg.finetune.seeds))
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
@@ -161,7 +170,13 @@ def _one_seed(
     status = "FAILED"
     try:
         result = finetune(
-            cfg, name, seed, weights, world, out_dir, on_log if world.is_main else None,
+            cfg,
+            name,
+            seed,
+            weights,
+            world,
+            out_dir,
+            on_log if world.is_main else None,
             stop_after_iter,
         )
         status = "FINISHED" if result.metrics else "KILLED"
@@ -174,4 +189,3 @@ def _one_seed(
     finally:
         if child is not None:
             tracker.finish(child, status)
-
