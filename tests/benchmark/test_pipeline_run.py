@@ -1,0 +1,100 @@
+"""A whole (tiny) benchmark: MLflow structure, no re-runs, and completing an interrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from benchmark.config import load_config
+from benchmark.pipeline import run_benchmark
+from methods.base import World
+
+TINY_TRANSFER = (
+    "finetune.seeds=2",
+    "finetune.datasets=[glas]",
+    "finetune.batch_size=2",
+    "finetune.warmup_iters=2",
+    "finetune.precise_bn_iters=2",
+    "finetune.num_workers=0",
+    "finetune.log_every=2",
+    "finetune.checkpoint_every=2",
+    "finetune.rpn_pre_nms_top_n_train=100",
+    "finetune.rpn_post_nms_top_n_train=50",
+    "finetune.rpn_pre_nms_top_n_test=100",
+    "finetune.rpn_post_nms_top_n_test=50",
+    "finetune.box_batch_size_per_image=32",
+    "finetune.glas.synthetic_train=4",
+    "finetune.glas.synthetic_test=2",
+    "finetune.glas.synthetic_height=96",
+    "finetune.glas.synthetic_width=128",
+    "finetune.glas.iterations=4",
+    "finetune.glas.steps=[3]",
+    "finetune.glas.min_size_train=[80,96]",
+    "finetune.glas.min_size_test=96",
+    "finetune.glas.max_size=128",
+)
+
+
+def tiny(tmp_path: Path, method: str, *extra: str):
+    overrides = (
+        f"finetune.glas.raw_root={tmp_path / 'raw'}",
+        f"finetune.glas.root={tmp_path / 'coco'}",
+        f"output_root={tmp_path / 'out'}",
+        *TINY_TRANSFER,
+        *extra,
+    )
+    return load_config(method, "demo", overrides=overrides, announce=False)
+
+
+def children(stage: str) -> list:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("concl-bench")
+    return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
+
+
+def test_random_init_benchmark_tracks_seeds_and_never_reruns(tmp_path: Path, capsys):
+    cfg = tiny(tmp_path, "random")
+    summary = run_benchmark(cfg, World())
+    assert set(summary) == {
+        "glas_bbox_AP_mean",
+        "glas_bbox_AP_std",
+        "glas_segm_AP_mean",
+        "glas_segm_AP_std",
+    }
+    assert "| random | – | " in capsys.readouterr().err
+    runs = children("finetune")
+    assert sorted((r.data.tags["dataset"], r.data.tags["seed"]) for r in runs) == [
+        ("glas", "1"),
+        ("glas", "2"),
+    ]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all("bbox_AP" in r.data.metrics and "segm_AP75" in r.data.metrics for r in runs)
+    assert children("pretrain") == []  # random init has no pre-training
+    client = MlflowClient()
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    mean = sum(r.data.metrics["bbox_AP"] for r in runs) / 2
+    assert parent.data.metrics["glas_bbox_AP_mean"] == mean
+
+    files = sorted((tmp_path / "out").rglob("metrics.json"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = run_benchmark(tiny(tmp_path, "random"), World())
+    assert again == summary
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert len(children("finetune")) == 2
+
+
+def test_interrupted_fine_tuning_completes_only_the_missing_work(tmp_path: Path):
+    cfg = tiny(tmp_path, "random", "finetune.seeds=1")
+    assert run_benchmark(cfg, World(), stop_after_iter=2) == {}
+    seed_dir = next((tmp_path / "out").rglob("seed1"))
+    assert (seed_dir / "model_0000002.pth").is_file()
+    assert not (seed_dir / "metrics.json").exists()
+    summary = run_benchmark(cfg, World())
+    assert "glas_bbox_AP_mean" in summary
+    assert (seed_dir / "model_0000004.pth").is_file()
+    runs = children("finetune")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [2, 4]  # iterations 1-2 were not trained again
