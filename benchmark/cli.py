@@ -19,8 +19,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from benchmark.data.pretrain import DatasetError
     from benchmark.engine import TrainingDiverged
     from benchmark.registry import UnknownMethodError
+    from benchmark.transfer.model import WeightsError
 
-    return (ConfigError, UnknownMethodError, DatasetError, TrainingDiverged, CheckpointError)
+    return (
+        ConfigError,
+        UnknownMethodError,
+        DatasetError,
+        TrainingDiverged,
+        CheckpointError,
+        WeightsError,
+    )
 
 
 def one_line(exc: BaseException) -> str:

@@ -299,11 +299,15 @@ def run_pretrain(
     backbone_path = directory / BACKBONE_FILE
     say = main_printer(world)
     if (directory / DONE_FILE).is_file() and backbone_path.is_file():
-        say(
-            f"==> pretrain: {cfg.method.name} config {digest} already finished "
-            f"({cfg.pretrain.epochs} epochs); backbone: {backbone_path}. Nothing to do: the number "
-            "of processes is not part of the config; change EPOCHS or a config key for a new run."
-        )
+        if parent is not None or not world.is_main:
+            say(f"==> pretrain: reusing the finished pre-training {digest}: {backbone_path}")
+        else:
+            say(
+                f"==> pretrain: {cfg.method.name} config {digest} already finished "
+                f"({cfg.pretrain.epochs} epochs); backbone: {backbone_path}. Nothing to do: "
+                "the number of processes is not part of the config; change EPOCHS or a "
+                "config key for a new run."
+            )
         return PretrainResult(directory, backbone_path, cfg.pretrain.epochs, already_finished=True)
 
     _ensure_data(cfg, world)

@@ -93,6 +93,54 @@ def loader_throughput(name: str, world: World, root: Path, workers: int, batch: 
     )
 
 
+def finetune_check(tmp: Path, world: World, weights: Path, workers: int, args) -> None:
+    """A short GlaS-sized fine-tune (paper recipe, synthetic 522x775 images), then COCO eval."""
+    from benchmark.transfer.finetune import finetune
+
+    on_gpu = world.device.type == "cuda"
+    cfg = load_config(
+        "random",
+        "paper",
+        overrides=(
+            f"finetune.glas.raw_root={tmp / 'glas_raw'}",
+            f"finetune.glas.root={tmp / 'glas_coco'}",
+            "finetune.glas.synthetic=true",
+            "finetune.glas.synthetic_train=32",
+            "finetune.glas.synthetic_test=16",
+            f"finetune.glas.synthetic_height={522 if on_gpu else 96}",
+            f"finetune.glas.synthetic_width={775 if on_gpu else 128}",
+            f"finetune.glas.iterations={args.finetune_iters}",
+            f"finetune.glas.steps=[{args.finetune_iters - 1}]",
+            *(
+                ()
+                if on_gpu
+                else (
+                    "finetune.glas.min_size_train=[80,96]",
+                    "finetune.glas.min_size_test=96",
+                    "finetune.glas.max_size=128",
+                )
+            ),
+            f"finetune.batch_size={16 if on_gpu else 2}",
+            "finetune.warmup_iters=5",
+            "finetune.precise_bn_iters=10",
+            f"finetune.amp_bf16={str(on_gpu).lower()}",
+            f"finetune.num_workers={workers}",
+            f"finetune.log_every={max(1, args.finetune_iters // 4)}",
+            f"pretrain.device={world.device.type}",
+        ),
+        announce=False,
+    )
+    start = time.perf_counter()
+    result = finetune(cfg, "glas", 1, weights, world, tmp / "finetune" / "glas" / "seed1")
+    m = result.metrics
+    _say(
+        f"finetune glas ({world.device.type}, batch {cfg.finetune.batch_size}, "
+        f"bf16={on_gpu}): {args.finetune_iters} iterations + precise BN + eval in "
+        f"{time.perf_counter() - start:.1f} s; eval {m['eval_time_s']:.1f} s; "
+        f"bbox AP {m['bbox_AP']:.1f}, segm AP {m['segm_AP']:.1f}"
+    )
+
+
 def pretraining_methods() -> list[str]:
     return [m for m in registered_methods() if get_method(m).pretrains]
 
@@ -104,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4096, help="synthetic patches for I/O check")
     parser.add_argument("--device", default="cuda", help="cpu runs the same checks as a dry run")
     parser.add_argument("--epochs", type=int, default=2, help="end-to-end pre-training epochs")
+    parser.add_argument("--finetune-iters", type=int, default=40)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         _say("gpu-check: no CUDA device visible; nothing to check")
@@ -179,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result.epochs_done} epochs in {time.perf_counter() - start:.1f} s; "
                     f"backbone exported: {result.backbone_path.is_file()}"
                 )
-    _say("gpu-check: done (fine-tuning checks arrive with the transfer stage)")
+        finetune_check(Path(tmp), world, result.backbone_path, workers, args)
+    _say("gpu-check: done")
     return 0
 
 

@@ -95,3 +95,30 @@ def test_worker_errors_are_reduced_to_their_own_line(tmp_path: Path):
     line = one_line(info.value)
     assert line.startswith("cannot read image ") and "broken.png" in line
     assert one_line(DatasetError("plain")) == "plain"
+
+
+def test_export_and_import_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "backbone.pth")
+    pkl, back = tmp_path / "out.pkl", tmp_path / "back.pth"
+    assert main(["export", "--format", "detectron2", str(tmp_path / "backbone.pth"), str(pkl)]) == 0
+    assert main(["import", str(pkl), str(back)]) == 0
+    restored = torch.load(back, weights_only=True)
+    assert all(torch.equal(restored[k], state[k]) for k in state if not k.startswith("fc."))
+    assert main(["export", str(tmp_path / "backbone.pth"), str(tmp_path / "out.txt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_data_check_lists_problems_by_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from benchmark.data.coco import convert_glas
+    from benchmark.data.glands import write_glas_raw
+
+    raw = write_glas_raw(tmp_path / "raw", 2, 1, 0, height=96, width=128)
+    coco = convert_glas(raw, tmp_path / "coco")
+    assert main(["data", "check", str(coco)]) == 0
+    next((coco / "train").iterdir()).unlink()
+    assert main(["data", "check", str(coco)]) == 1
+    assert "train" in capsys.readouterr().out
