@@ -105,12 +105,94 @@ def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
     }
 
 
+def bench_finetune(tmp: Path, warmup: int, steps: int) -> dict[str, float]:
+    """Fine-tuning iterations/s of ``finetune`` (the harness) and of a bare torchvision loop.
+
+    Demo setting (synthetic GlaS 192x256, 4 images per iteration, demo sampling), CPU. The
+    harness rate is measured over the last ``steps`` iterations (after ``warmup``) from its
+    own logging; the bare loop runs the same model on batches loaded beforehand.
+    """
+    import os
+
+    from benchmark.data.coco import CocoInstances, collate
+    from benchmark.transfer.finetune import finetune, prepare_dataset_for
+    from benchmark.transfer.model import build_mask_rcnn, param_groups
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    total = warmup + steps
+    cfg = load_config(
+        "random",
+        "demo",
+        overrides=(
+            f"finetune.glas.raw_root={tmp}/raw",
+            f"finetune.glas.root={tmp}/coco",
+            f"finetune.glas.iterations={total}",
+            f"finetune.glas.steps=[{total - 1}]",
+            f"finetune.log_every={warmup}"
+            if steps % warmup == 0
+            else f"finetune.log_every={total}",
+            "finetune.num_workers=0",
+        ),
+        announce=False,
+    )
+    f, d = cfg.finetune, cfg.finetune.glas
+    rates: list[float] = []
+    result = finetune(
+        cfg,
+        "glas",
+        1,
+        None,
+        World(),
+        tmp / "ft",
+        on_log=lambda m, it: rates.append(m["images_per_sec"]),
+    )
+    harness = statistics.fmean(rates[1:]) if len(rates) > 1 else rates[0]
+
+    root = prepare_dataset_for(cfg, "glas", World())
+    data = CocoInstances(root, "train", train=True)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=f.batch_size, collate_fn=collate, shuffle=True, drop_last=True
+    )
+    batches = []
+    while len(batches) < total:
+        batches.extend(loader)
+    model = build_mask_rcnn(
+        min_size_train=tuple(d.min_size_train),
+        min_size_test=d.min_size_test,
+        max_size=d.max_size,
+        rpn_pre_nms_top_n_train=f.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=f.rpn_post_nms_top_n_train,
+        box_batch_size_per_image=f.box_batch_size_per_image,
+    )
+    model.train()
+    opt = torch.optim.SGD(param_groups(model, f.weight_decay), lr=0.001, momentum=f.momentum)
+    start = 0.0
+    for i, (images, targets) in enumerate(batches[:total]):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    bare = steps * f.batch_size / (time.perf_counter() - start)
+    return {
+        "images_per_sec": round(harness, 3),
+        "bare_images_per_sec": round(bare, 3),
+        "ratio": round(harness / bare, 4),
+        "eval_time_s": round(result.metrics["eval_time_s"], 2),
+        "eval_images": len(CocoInstances(root, "test", train=False)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/bench.json")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per loop (median)")
     parser.add_argument("--methods", nargs="*", help="default: every registered method")
+    parser.add_argument("--finetune-warmup", type=int, default=2)
+    parser.add_argument("--finetune-steps", type=int, default=6)
+    parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning bench")
     args = parser.parse_args(argv)
     names = args.methods or [m for m in registered_methods() if get_method(m).pretrains]
     report: dict[str, object] = {
@@ -131,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:10s} harness {result['images_per_sec']:8.1f} img/s | bare "
             f"{result['bare_images_per_sec']:8.1f} img/s | ratio {result['ratio']:.3f} {flag}",
+            file=sys.stderr,
+        )
+    if not args.no_finetune:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = bench_finetune(Path(tmp), args.finetune_warmup, args.finetune_steps)
+        report["finetune"] = result
+        flag = "ok" if result["ratio"] >= 0.95 else "BELOW TARGET 0.95"
+        print(
+            f"finetune   harness {result['images_per_sec']:8.2f} img/s | bare "
+            f"{result['bare_images_per_sec']:8.2f} img/s | ratio {result['ratio']:.3f} {flag} | "
+            f"eval {result['eval_time_s']:.1f} s for {result['eval_images']} images",
             file=sys.stderr,
         )
     out = Path(args.out)

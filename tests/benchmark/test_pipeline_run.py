@@ -98,3 +98,39 @@ def test_interrupted_fine_tuning_completes_only_the_missing_work(tmp_path: Path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")
     assert [m.step for m in history] == [2, 4]  # iterations 1-2 were not trained again
+
+
+def test_two_process_gloo_benchmark_logs_each_seed_once(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    overrides = [
+        f"finetune.glas.raw_root={tmp_path / 'raw'}",
+        f"finetune.glas.root={tmp_path / 'coco'}",
+        f"output_root={tmp_path / 'out'}",
+        "pretrain.device=cpu",
+        *TINY_TRANSFER,
+        "finetune.seeds=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmark",
+        "benchmark",
+        "-m",
+        "random",
+        "--profile",
+        "demo",
+        "--gpus",
+        "2",
+        *overrides,
+    ]
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| random | – | " in proc.stderr
+    runs = children("finetune")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "bbox_AP" in runs[0].data.metrics
