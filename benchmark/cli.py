@@ -304,6 +304,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "methods":
             return _methods()
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "interrupted: checkpoints written so far are kept; run the same command again "
+                "to continue",
+                file=sys.stderr,
+            )
+        return 130
     except _user_errors() as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {one_line(exc)}", file=sys.stderr)
