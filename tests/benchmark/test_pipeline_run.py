@@ -134,3 +134,29 @@ def test_two_process_gloo_benchmark_logs_each_seed_once(tmp_path: Path):
     runs = children("finetune")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "bbox_AP" in runs[0].data.metrics
+
+
+def test_finetune_scores_external_weights_under_their_own_parent(tmp_path: Path):
+    import torch
+    import torchvision
+
+    from benchmark.cli import main
+
+    weights = tmp_path / "their_resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    overrides = [
+        f"finetune.glas.raw_root={tmp_path / 'raw'}",
+        f"finetune.glas.root={tmp_path / 'coco'}",
+        f"output_root={tmp_path / 'out'}",
+        *TINY_TRANSFER,
+        "finetune.seeds=1",
+    ]
+    assert main(["finetune", "--weights", str(weights), "--profile", "demo", *overrides]) == 0
+    runs = children("finetune")
+    assert len(runs) == 1 and runs[0].data.params["weights"] == str(weights)
+    parent = MlflowClient().get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["method"].startswith("weights-")
+    assert "glas_bbox_AP_mean" in parent.data.metrics
+    assert children("pretrain") == []
+    missing = ["finetune", "--weights", str(tmp_path / "nope.pth"), "--profile", "demo"]
+    assert main(missing) == 2
