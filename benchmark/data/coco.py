@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from benchmark.data.markers import MARKER_NAME, read_marker
 from benchmark.data.pretrain import IMAGE_EXTENSIONS, DatasetError
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 CONVERTER_VERSION = 1  # bump whenever the jsons a raw release produces change
-MARKER_NAME = ".complete"
 CATEGORIES = [{"id": 1, "name": "gland"}]
 SPLITS = ("train", "test")
 _GLAS_IMAGE = re.compile(r"^(train|testA|testB)_(\d+)\.bmp$")
@@ -298,7 +298,7 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
     }
     stale = False
     if out_root.exists():
-        found = _read_marker(out_root)
+        found = read_marker(out_root)
         if found == wanted and _is_coco(out_root):
             return out_root
         # Our own earlier conversion (of other or since changed raw files) is a derived copy and
@@ -322,7 +322,7 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
         try:
             os.rename(tmp, out_root)  # atomic; also replaces an empty folder
         except OSError:
-            if _read_marker(out_root) == wanted:  # a concurrent conversion finished first
+            if read_marker(out_root) == wanted:  # a concurrent conversion finished first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out_root
             raise
@@ -377,14 +377,6 @@ def _convert_into(out: Path, dataset: str, pairs: list[_Pair]) -> None:
                     out / "annotations" / f"{subset}.json",
                     _coco_json(sub_images, sub_anns, dataset, subset),
                 )
-
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        data = json.loads((root / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def convert_glas(raw_root: Path, out_root: Path) -> Path:

@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import secrets
-import shlex
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -42,16 +38,15 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from benchmark.data.markers import publish, read_marker, refuse_existing
 from benchmark.data.synthetic import (
     _E_REF,
     _H_REF,
-    MARKER_NAME,
     _available_cpus,
     _blur,
     _grid_noise,
     _nearest,
     _noise_at,
-    _read_marker,
     _rotate,
     _soft,
     _unit,
@@ -644,50 +639,15 @@ def _run_jobs(fn, out: Path, jobs: list[tuple[str, int]], height, width, seed, w
         return [r for f in futures for r in f.result()]
 
 
-def _refuse_existing(root: Path, wanted: dict) -> None:
-    """Raise unless ``root`` is an empty folder: existing data is never deleted or mixed into."""
-    if not root.is_dir():
-        raise ValueError(f"{root} exists and is not a folder: move it away or choose another root")
-    if not any(root.iterdir()):
-        return
-    found = _read_marker(root)
-    if found is None:
-        what = f"is not a complete synthetic set (no valid {MARKER_NAME}: an interrupted run?)"
-    else:
-        differ = [f"{k}={found.get(k)}" for k in wanted if found.get(k) != wanted[k]]
-        what = f"holds a synthetic set made with {', '.join(differ) or 'other settings'}"
-    asked = ", ".join(f"{k}={v}" for k, v in wanted.items())
-    raise ValueError(
-        f"{root} {what}, not {asked}: delete it with `rm -rf {shlex.quote(str(root))}` "
-        "and run again, or choose another root"
-    )
-
-
 def _write_atomically(root: Path, wanted: dict, fill) -> Path:
     """Build in a hidden sibling folder, write the marker last, rename into place: an interrupted
     run never leaves something that looks finished, and a complete set is reused."""
     root = Path(root)
     if root.exists():
-        if _read_marker(root) == wanted:
+        if read_marker(root) == wanted:
             return root
-        _refuse_existing(root, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        try:
-            os.rename(tmp, root)  # atomic; also replaces an empty folder at root
-        except OSError:
-            if _read_marker(root) == wanted:  # a concurrent writer finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return root
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
-        raise
-    return root
+        refuse_existing(root, wanted)
+    return publish(root, wanted, fill, lambda: read_marker(root) == wanted)
 
 
 def _check_size(height: int, width: int) -> None:

@@ -18,11 +18,7 @@ computed: about 15-20 ms per 224 px patch on one core.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
-import shlex
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -31,6 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from benchmark.data.markers import MARKER_NAME, publish, read_marker, refuse_existing
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -44,7 +42,6 @@ __all__ = [
 
 TISSUE_TYPES: tuple[str, ...] = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 GENERATOR_VERSION = 1  # bump whenever the pixels a seed produces change
-MARKER_NAME = ".complete"
 # Recipes draw at NCT's 0.5 um/px on a 224 px patch; other sizes show the same field of view.
 REFERENCE_SIZE = 224
 
@@ -649,17 +646,9 @@ def _marker(num_images: int, size: int, seed: int, list_file: str) -> dict:
     }
 
 
-def _read_marker(root: Path) -> dict | None:
-    try:
-        data = json.loads((root / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_complete(root: Path, num_images: int, size: int, seed: int) -> bool:
     """True if ``root`` holds a finished set generated with these parameters by this generator."""
-    marker = _read_marker(Path(root))
+    marker = read_marker(Path(root))
     if marker is None:
         return False
     wanted = _marker(num_images, size, seed, "")
@@ -675,27 +664,6 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _refuse_existing(root: Path, wanted: dict) -> None:
-    """Raise unless ``root`` is an empty folder: existing data is never deleted or mixed into."""
-    if not root.is_dir():
-        raise ValueError(f"{root} exists and is not a folder: move it away or choose another root")
-    if not any(root.iterdir()):
-        return
-    found = _read_marker(root)
-    differ = [f"{k}={found.get(k)}" for k in wanted if found and found.get(k) != wanted[k]]
-    if found is None:
-        what = f"is not a complete synthetic set (no valid {MARKER_NAME}: an interrupted run?)"
-    elif differ:
-        what = f"holds a synthetic set made with {', '.join(differ)}"
-    else:
-        what = f"is an incomplete synthetic set (its {wanted['list_file']} is missing)"
-    asked = ", ".join(f"{k}={v}" for k, v in wanted.items())
-    raise ValueError(
-        f"{root} {what}, not {asked}: delete it with `rm -rf {shlex.quote(str(root))}` "
-        "and run again, or choose another root"
-    )
 
 
 def write_pretrain_set(
@@ -725,15 +693,12 @@ def write_pretrain_set(
         raise ValueError(f"list_file must be a plain file name, got {list_file!r}")
     wanted = _marker(num_images, size, seed, list_file)
     if root.exists():
-        if _read_marker(root) == wanted and is_complete(root, num_images, size, seed):
+        if read_marker(root) == wanted and is_complete(root, num_images, size, seed):
             return root
-        _refuse_existing(root, wanted)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden sibling on the same file system, so the final rename is atomic; os.mkdir (unlike
-    # tempfile.mkdtemp) honours the umask, so the finished set is readable like any new folder.
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+        refuse_existing(root, wanted, f"its {wanted['list_file']} is missing")
+
+    def fill(tmp: Path) -> None:
+        nonlocal workers
         for cls in TISSUE_TYPES:
             (tmp / cls).mkdir()
         if workers is None:
@@ -751,15 +716,5 @@ def write_pretrain_set(
                 ]
                 rels = [rel for f in futures for rel in f.result()]
         (tmp / list_file).write_text("".join(f"{rel}\n" for rel in sorted(rels)))
-        (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        try:
-            os.rename(tmp, root)  # atomic; also replaces an empty folder at root
-        except OSError:
-            if is_complete(root, num_images, size, seed):  # a concurrent writer finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return root
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
-        raise
-    return root
+
+    return publish(root, wanted, fill, lambda: is_complete(root, num_images, size, seed))

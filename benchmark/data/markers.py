@@ -1,0 +1,77 @@
+"""Completion markers of generated and converted data: a set is only ever reused when its
+marker says it was finished with the same settings, and never deleted by the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MARKER_NAME = ".complete"
+
+
+def read_marker(root: Path) -> dict[str, Any] | None:
+    """The marker's settings, or None when there is no readable marker."""
+    try:
+        data = json.loads((Path(root) / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def refuse_existing(root: Path, wanted: dict[str, Any], incomplete: str = "") -> None:
+    """Raise a one-line ValueError unless ``root`` is an empty folder.
+
+    ``incomplete`` describes what is missing when the marker matches ``wanted`` but the set
+    is still unusable (e.g. its list file was removed).
+    """
+    if not root.is_dir():
+        raise ValueError(f"{root} exists and is not a folder: move it away or choose another root")
+    if not any(root.iterdir()):
+        return
+    found = read_marker(root)
+    differ = [f"{k}={found.get(k)}" for k in wanted if found and found.get(k) != wanted[k]]
+    if found is None:
+        what = f"is not a complete synthetic set (no valid {MARKER_NAME}: an interrupted run?)"
+    elif differ:
+        what = f"holds a synthetic set made with {', '.join(differ)}"
+    else:
+        what = f"is an incomplete synthetic set{f' ({incomplete})' if incomplete else ''}"
+    asked = ", ".join(f"{k}={v}" for k, v in wanted.items())
+    raise ValueError(
+        f"{root} {what}, not {asked}: delete it with `rm -rf {shlex.quote(str(root))}` "
+        "and run again, or choose another root"
+    )
+
+
+def publish(
+    root: Path, wanted: dict[str, Any], fill: Callable[[Path], None], done: Callable[[], bool]
+) -> Path:
+    """Build into a hidden sibling folder, write the marker last, rename into place.
+
+    An interrupted run never leaves something that looks finished; ``done()`` tells whether
+    a concurrent writer finished the same set first (then ours is discarded). The sibling
+    is on the same file system, so the rename is atomic, and ``mkdir`` honours the umask.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        try:
+            os.rename(tmp, root)  # also replaces an empty folder at root
+        except OSError:
+            if done():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return root
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
+        raise
+    return root
