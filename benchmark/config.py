@@ -4,9 +4,11 @@ Layering, later wins (every layer is validated against the schema on its own, so
 names the file or the override that caused it):
 
 1. the schema defaults below and the method's ``config_class`` (paper values);
-2. ``experiments/methods/<method>.yaml``: the method's paper hyperparameters (concl_spec §2);
+2. ``experiments/paper/<method>.yaml``: the method's paper config (concl_spec §1–3), the base
+   of every profile;
 3. ``experiments/<profile>.yaml``: the profile (``paper`` or ``demo``);
-4. ``experiments/<profile>/<method>.yaml``: the profile's overrides for that method, if any;
+4. ``experiments/<profile>/<method>.yaml``: the profile's overrides for that method, if any
+   (for ``paper`` this is layer 2 itself);
 5. ``--config FILE`` files, in order;
 6. ``key=value`` overrides from the command line or the Makefile.
 """
@@ -279,11 +281,9 @@ def load_config(
     if announce:
         print(f"==> profile: {concrete} ({why})", file=sys.stderr, flush=True)
     root = experiments_dir()
-    layers = [
-        root / "methods" / f"{method}.yaml",
-        root / f"{concrete}.yaml",
-        root / concrete / f"{method}.yaml",
-    ]
+    layers = [root / "paper" / f"{method}.yaml", root / f"{concrete}.yaml"]
+    if concrete != "paper":
+        layers.append(root / concrete / f"{method}.yaml")
     for path in layers:
         if path.is_file():
             cfg = _merge(cfg, _load_yaml(path), str(path))
