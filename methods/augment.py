@@ -57,6 +57,23 @@ def moco_v2_view(image_size: int) -> transforms.Compose:
     )
 
 
+def moco_v1_view(image_size: int) -> transforms.Compose:
+    """One MoCo-v1 view (spec §3.2; OpenSelfSup ``moco_v1`` pipeline).
+
+    Unlike MoCo-v2: grayscale comes before the jitter, the jitter (hue 0.4) is always
+    applied, and there is no blur.
+    """
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            transforms.RandomHorizontalFlip(),
+            normalize(),
+        ]
+    )
+
+
 class MultiView:
     """Per-sample transform returning one tensor per view transform.
 

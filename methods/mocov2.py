@@ -27,10 +27,10 @@ from methods.shuffle_bn import batch_shuffle, batch_unshuffle, convert_split_bn
 
 
 @dataclass
-class MoCoV2Config(MethodConfig):
-    name: str = "mocov2"
+class MoCoConfig(MethodConfig):
+    """What the MoCo family shares (spec §2); each version adds its head's widths and name."""
+
     depth: int = 18
-    hidden_dim: int = 512
     feat_dim: int = 128
     queue_size: int = 16384
     momentum: float = 0.999
@@ -38,27 +38,38 @@ class MoCoV2Config(MethodConfig):
     shuffle_bn: bool = True
 
 
+@dataclass
+class MoCoV2Config(MoCoConfig):
+    name: str = "mocov2"
+    hidden_dim: int = 512
+
+
 @register_method("mocov2")
 class MoCoV2(Method):
     """Query encoder trained by InfoNCE against a momentum key encoder and a key queue.
 
-    Both encoders are ``ModuleDict(backbone=trunk, head=MLPHead)``, the layout DenseCL and
-    ConCL reuse. With ``build.bn_splits > 1`` their BatchNorms become ``SplitBatchNorm2d``,
-    so BN sees groups of ``bn_batch_size`` images as on the original 8 GPUs × 32.
+    Both encoders are ``ModuleDict(backbone=trunk, head=build_head(...))``, the layout
+    MoCo-v1, DenseCL and ConCL reuse. With ``build.bn_splits > 1`` their BatchNorms become
+    ``SplitBatchNorm2d``, so BN sees groups of ``bn_batch_size`` images as on the original
+    8 GPUs × 32.
     """
 
     config_class = MoCoV2Config
     cfg: MoCoV2Config
 
-    def __init__(self, cfg: MoCoV2Config, build: BuildContext) -> None:
+    def __init__(self, cfg: MoCoConfig, build: BuildContext) -> None:
         super().__init__(cfg, build)
         trunk = build_trunk(cfg.depth)
         self.encoder_q = nn.ModuleDict(
-            {"backbone": trunk, "head": MLPHead(trunk.out_channels, cfg.hidden_dim, cfg.feat_dim)}
+            {"backbone": trunk, "head": self.build_head(trunk.out_channels)}
         )
         convert_split_bn(self.encoder_q, build.bn_splits)
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = MemoryQueue(cfg.queue_size, cfg.feat_dim)
+
+    def build_head(self, in_dim: int) -> nn.Module:
+        """The projector of pooled features; MoCo-v1 overrides it with a linear one."""
+        return MLPHead(in_dim, self.cfg.hidden_dim, self.cfg.feat_dim)
 
     def views(self) -> Callable[[Any], list[Tensor]]:
         view = moco_v2_view(self.build_ctx.image_size)

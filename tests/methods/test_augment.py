@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from torchvision import transforms
 
 from methods.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiView,
     PILGaussianBlur,
+    moco_v1_view,
     moco_v2_view,
     normalize,
 )
@@ -91,3 +93,21 @@ def test_blur_sigma_drawn_in_range(monkeypatch: pytest.MonkeyPatch) -> None:
         blur(_image(8, 8))
     assert min(radii) >= 0.1 and max(radii) <= 2.0
     assert max(radii) - min(radii) > 1.0  # drawn fresh each call
+
+
+def test_moco_v1_view_ops_in_openselfsup_order() -> None:
+    ops = moco_v1_view(32).transforms
+    crop, gray, jitter, flip, norm = ops
+    assert type(crop) is transforms.RandomResizedCrop
+    assert (crop.size, crop.scale) == ((32, 32), (0.2, 1.0))
+    assert crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert type(gray) is transforms.RandomGrayscale and gray.p == 0.2
+    # Always applied (no RandomApply), after the grayscale, with hue 0.4; no blur.
+    assert type(jitter) is transforms.ColorJitter
+    assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4),) * 3
+    assert jitter.hue == (-0.4, 0.4)
+    assert type(flip) is transforms.RandomHorizontalFlip and flip.p == 0.5
+    assert repr(norm) == repr(normalize())
+    torch.manual_seed(0)
+    out = moco_v1_view(32)(_image())
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
