@@ -34,3 +34,19 @@ class LinearHead(nn.Linear):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__(in_dim, out_dim)
         _kaiming_init_linears(self)
+
+
+class DenseHead(nn.Sequential):
+    """DenseCL's dense projector: 1×1 Conv → ReLU → 1×1 Conv on the layer4 grid.
+
+    The per-cell twin of ``MLPHead`` (the ``mlp2`` branch of DenseCL's ``DenseCLNeck`` with
+    ``num_grid=None``). Its convolutions keep PyTorch's default init, as in the original,
+    whose ``_init_weights`` re-initialises only the neck's Linear and norm layers.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_dim, hidden_dim, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, out_dim, 1),
+        )
