@@ -347,6 +347,8 @@ def validate(cfg: DictConfig) -> None:
                 f"{prefix}.steps must be increasing and inside (0, {prefix}.iterations)",
             ),
         ]
+    method_cfg = get_method(cfg.method.name).config_class(**to_container(cfg.method))
+    checks += [(False, f"method.{problem}") for problem in method_cfg.problems()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

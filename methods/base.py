@@ -21,6 +21,10 @@ class MethodConfig:
 
     name: str = MISSING
 
+    def problems(self) -> list[str]:
+        """Values the types allow but the method cannot use, as ``key must ...`` lines."""
+        return []
+
 
 @dataclass(frozen=True)
 class World:

@@ -39,16 +39,29 @@ class MemoryQueue(nn.Module):
         return self.queue.detach().clone()
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Write ``keys`` (n, dim) at the pointer, oldest first out, and advance it."""
+    def enqueue(self, keys: Tensor, mask: Tensor | None = None) -> None:
+        """Write ``keys`` (n, dim) at the pointer, oldest first out, and advance it.
+
+        With a boolean ``mask`` (n,) only the rows where it is True are written (in order)
+        and the pointer moves by their number; the count stays on the device.
+        """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
         n = keys.shape[0]
         if n > self.size:
             raise ValueError(f"cannot enqueue {n} keys into a queue of size {self.size}")
-        rows = (self.ptr + torch.arange(n, device=self.queue.device)) % self.size
-        self.queue.index_copy_(0, rows, keys.detach().to(self.queue.dtype))
-        self.ptr.copy_((self.ptr + n) % self.size)
+        keys = keys.detach().to(self.queue.dtype)
+        positions = torch.arange(n, device=self.queue.device)
+        rows = (self.ptr + positions) % self.size
+        if mask is None:
+            count = torch.tensor(n, device=self.queue.device)
+        else:
+            # Valid rows first (stable), then rows that rewrite what is already there.
+            keys = keys[torch.argsort((~mask).to(torch.uint8), stable=True)]
+            count = mask.sum()
+            keys = torch.where((positions < count).unsqueeze(1), keys, self.queue[rows])
+        self.queue.index_copy_(0, rows, keys)
+        self.ptr.copy_((self.ptr + count) % self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"
