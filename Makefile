@@ -6,16 +6,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-METHOD  ?= mocov2
+METHOD  ?= concl
 EPOCHS  ?=
 GPUS    ?= 1
 PROFILE ?= auto
 SEEDS   ?=
 WEIGHTS ?=
 ARGS    ?=
+CONFIG  ?=
 PORT    ?= 5000
 
-COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS))
+COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
 .PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods

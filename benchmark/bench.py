@@ -5,6 +5,11 @@ batches go through (a) the engine's ``Pretrainer.train_epoch`` (LR schedule, aut
 context, metric accumulation, progress) and (b) a bare loop of the same networks and loss
 (forward, backward, SGD step). Data loading is left out of both, so the ratio measures the
 harness's own overhead. Target: harness >= 0.95 x bare.
+
+Second, the cost of a training step of each method relative to MoCo-v2 at the paper's view
+size (224 px: ConCL clusters a 14×14 map and pools 7×7 grids), same batch, bare loop,
+methods interleaved. Targets: ConCL <= 1.3 x MoCo-v2 (its reference-view forward alone
+costs about 1.25 x, so clustering and matching must be nearly free), DenseCL <= 1.1 x.
 """
 
 from __future__ import annotations
@@ -36,14 +41,20 @@ SETTING = (
     "pretrain.amp_bf16=false",
     "pretrain.log_every=4",
 )
+#: Per-method additions: ConCL is measured with its concept loss on (no warm-up).
+METHOD_SETTING: dict[str, tuple[str, ...]] = {"concl": ("method.warmup_epochs=0",)}
+#: Step-cost targets relative to MoCo-v2 (issue 4).
+STEP_COST_TARGETS = {"concl": 1.3, "densecl": 1.1}
 
 
-def _view_batches(method, batch: int, steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
+def _view_batches(
+    method, batch: int, steps: int, seed: int = 0, size: int = 96
+) -> list[list[torch.Tensor]]:
     from benchmark.data.synthetic import render_patch
 
     transform = method.views()
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(render_patch(rng, 96)[0]) for _ in range(batch)]
+    images = [Image.fromarray(render_patch(rng, size)[0]) for _ in range(batch)]
     batches = []
     for _ in range(steps):
         per_image = [transform(img) for img in images]
@@ -77,7 +88,7 @@ def _bare_rate(cfg, batches) -> float:
 
     def run(bs):
         for views in bs:
-            views = [v.to(memory_format=fmt) for v in views]
+            views = [v.to(memory_format=fmt) if v.dim() == 4 else v for v in views]
             loss = method(views, ctx)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,8 +100,17 @@ def _bare_rate(cfg, batches) -> float:
     return len(batches) * cfg.pretrain.batch_size / (time.perf_counter() - start)
 
 
+def _config(name: str, *overrides: str):
+    return load_config(
+        name,
+        "demo",
+        overrides=(*SETTING, *METHOD_SETTING.get(name, ()), *overrides),
+        announce=False,
+    )
+
+
 def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
-    cfg = load_config(name, "demo", overrides=SETTING, announce=False)
+    cfg = _config(name)
     torch.manual_seed(0)
     batches = _view_batches(build_method(cfg, World()), cfg.pretrain.batch_size, steps)
     harness, bare = [], []
@@ -102,6 +122,50 @@ def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
         "images_per_sec": round(h, 2),
         "bare_images_per_sec": round(b, 2),
         "ratio": round(h / b, 4),
+    }
+
+
+def _bare_step_time(method, batches: list[list[torch.Tensor]], lr: float = 0.001) -> float:
+    """Median seconds of one forward, backward and SGD step over ``batches`` (after one)."""
+    opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9)
+    ctx = StepContext(0, 0, 1, len(batches))
+    times = []
+    for i, views in enumerate([batches[0], *batches]):
+        start = time.perf_counter()
+        loss = method(views, ctx)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:  # the first call pays allocator and first-use costs
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_step_cost(
+    names: list[str], size: int, batch: int, steps: int, repeats: int
+) -> dict[str, object]:
+    """Seconds per bare training step of each method and its ratio to MoCo-v2's."""
+    setting = (
+        f"data.image_size={size}",
+        f"pretrain.batch_size={batch}",
+        f"pretrain.bn_batch_size={batch}",
+    )
+    names = ["mocov2", *[n for n in names if n != "mocov2"]]
+    methods, batches = {}, {}
+    for name in names:
+        cfg = _config(name, *setting)
+        methods[name] = build_method(cfg, World()).train()
+        batches[name] = _view_batches(methods[name], batch, steps, size=max(size, 96))
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved, so load drifts hit every method alike
+        for name in names:
+            seconds[name].append(_bare_step_time(methods[name], batches[name]))
+    per_step = {name: statistics.median(v) for name, v in seconds.items()}
+    return {
+        "setting": {"image_size": size, "batch": batch, "steps": steps, "repeats": repeats},
+        "seconds_per_step": {n: round(v, 4) for n, v in per_step.items()},
+        "relative_to_mocov2": {n: round(v / per_step["mocov2"], 4) for n, v in per_step.items()},
+        "targets": STEP_COST_TARGETS,
     }
 
 
@@ -193,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-warmup", type=int, default=2)
     parser.add_argument("--finetune-steps", type=int, default=6)
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning bench")
+    parser.add_argument("--step-size", type=int, default=224, help="view size of the step cost")
+    parser.add_argument("--step-batch", type=int, default=16, help="batch of the step cost")
+    parser.add_argument("--step-steps", type=int, default=4, help="timed steps per step cost")
+    parser.add_argument("--no-step-cost", action="store_true", help="skip the step-cost bench")
     args = parser.parse_args(argv)
     names = args.methods or [m for m in registered_methods() if get_method(m).pretrains]
     report: dict[str, object] = {
@@ -215,6 +283,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['bare_images_per_sec']:8.1f} img/s | ratio {result['ratio']:.3f} {flag}",
             file=sys.stderr,
         )
+    if not args.no_step_cost:
+        cost = bench_step_cost(
+            names, args.step_size, args.step_batch, args.step_steps, args.repeats
+        )
+        report["step_cost"] = cost
+        for name, ratio in cost["relative_to_mocov2"].items():  # type: ignore[union-attr]
+            target = STEP_COST_TARGETS.get(name)
+            flag = "" if target is None else ("ok" if ratio <= target else "ABOVE TARGET")
+            bound = f"(target <= {target})" if target else ""
+            print(
+                f"{name:10s} step {cost['seconds_per_step'][name]:.3f} s at "  # type: ignore[index]
+                f"{args.step_size} px, batch {args.step_batch} | {ratio:.3f} x MoCo-v2 "
+                f"{bound} {flag}",
+                file=sys.stderr,
+            )
     if not args.no_finetune:
         import tempfile
 

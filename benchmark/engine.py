@@ -127,8 +127,14 @@ class Pretrainer:
         self.autocast_dtype = torch.bfloat16 if cfg.pretrain.amp_bf16 else None
 
     def _to_device(self, views: Iterable[Tensor]) -> list[Tensor]:
+        """Images (4-D) in the run's memory format; other tensors (e.g. crop boxes) as they are."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return [v.to(self.world.device, non_blocking=True, memory_format=fmt) for v in views]
+        return [
+            v.to(self.world.device, non_blocking=True, memory_format=fmt)
+            if v.dim() == 4
+            else v.to(self.world.device, non_blocking=True)
+            for v in views
+        ]
 
     def train_epoch(
         self, loader: Iterable[Any], epoch: int, progress: Progress | None = None

@@ -17,7 +17,13 @@ from methods.base import Method
 
 ENTRY_POINT_GROUP = "concl_bench.methods"
 #: Modules of the built-in plugins; each registers itself with ``@register_method``.
-BUILTIN_METHODS = ("methods.mocov2", "methods.random_init")
+BUILTIN_METHODS = (
+    "methods.mocov1",
+    "methods.mocov2",
+    "methods.densecl",
+    "methods.concl",
+    "methods.random_init",
+)
 
 M = TypeVar("M", bound=type[Method])
 

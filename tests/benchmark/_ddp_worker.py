@@ -13,8 +13,8 @@ from benchmark.engine import run_pretrain
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    cfg = load_config("mocov2", "demo", overrides=tuple(sys.argv[2:]), announce=False)
+    out, method = Path(sys.argv[1]), sys.argv[2]
+    cfg = load_config(method, "demo", overrides=tuple(sys.argv[3:]), announce=False)
     world = init_world("cpu")
     try:
         result = run_pretrain(cfg, world)

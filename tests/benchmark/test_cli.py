@@ -29,7 +29,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_unknown_method_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
     assert main(["pretrain", "--method", "nope", "--profile", "demo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown method 'nope'; registered methods: mocov2, random"]
+    assert err == [
+        "error: unknown method 'nope'; registered methods: concl, densecl, mocov1, mocov2, random"
+    ]
 
 
 def test_misspelt_key_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
@@ -51,7 +53,7 @@ def test_missing_data_root_says_what_to_do(capsys: pytest.CaptureFixture[str], t
 
 def test_methods_and_help(capsys: pytest.CaptureFixture[str]):
     assert main(["methods"]) == 0
-    assert capsys.readouterr().out.startswith("mocov2")
+    assert capsys.readouterr().out.startswith("concl")
     with pytest.raises(SystemExit) as info:
         main(["pretrain", "--help"])
     assert info.value.code == 0

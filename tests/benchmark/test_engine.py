@@ -97,7 +97,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path: P
     assert children[0].info.status == "FINISHED"
 
 
-def test_two_process_gloo_pretraining_keeps_ranks_in_sync(tiny_overrides, tmp_path: Path):
+@pytest.mark.parametrize("method", ["mocov1", "mocov2", "densecl", "concl"])
+def test_two_process_gloo_pretraining_keeps_ranks_in_sync(
+    method: str, tiny_overrides, tmp_path: Path
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -107,6 +110,7 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(tiny_overrides, tmp_pa
         "--nproc-per-node=2",
         str(REPO / "tests" / "benchmark" / "_ddp_worker.py"),
         str(tmp_path),
+        method,
         *tiny_overrides(tmp_path / "out"),
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -123,6 +127,9 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(tiny_overrides, tmp_pa
     child = runs("tags.stage = 'pretrain'")[0]
     assert child.data.params["world_size"] == "2"
     assert len(MlflowClient().get_metric_history(child.info.run_id, "loss")) == 2
+    if method == "concl":  # one warm-up epoch in the demo, then the concept loss trains
+        history = MlflowClient().get_metric_history(child.info.run_id, "concept_loss")
+        assert [m.value > 0 for m in sorted(history, key=lambda m: m.step)] == [False, True]
 
 
 def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tiny, tmp_path: Path):
