@@ -32,6 +32,11 @@ class DenseCLConfig(MoCoV2Config):
     #: Weight λ of the dense loss; the global loss gets 1 − λ.
     loss_lambda: float = 0.5
 
+    def problems(self) -> list[str]:
+        if not 0.0 <= self.loss_lambda <= 1.0:
+            return [f"loss_lambda must be in [0, 1], got {self.loss_lambda}"]
+        return []
+
 
 @torch.no_grad()
 def match_cells(q_cells: Tensor, k_cells: Tensor) -> Tensor:
