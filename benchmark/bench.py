@@ -47,7 +47,7 @@ METHOD_SETTING: dict[str, tuple[str, ...]] = {"concl": ("method.warmup_epochs=0"
 STEP_COST_TARGETS = {"concl": 1.3, "densecl": 1.1}
 
 
-def _view_batches(
+def view_batches(
     method, batch: int, steps: int, seed: int = 0, size: int = 96
 ) -> list[list[torch.Tensor]]:
     from benchmark.data.synthetic import render_patch
@@ -112,7 +112,7 @@ def _config(name: str, *overrides: str):
 def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
     cfg = _config(name)
     torch.manual_seed(0)
-    batches = _view_batches(build_method(cfg, World()), cfg.pretrain.batch_size, steps)
+    batches = view_batches(build_method(cfg, World()), cfg.pretrain.batch_size, steps)
     harness, bare = [], []
     for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
         bare.append(_bare_rate(cfg, batches))
@@ -155,7 +155,7 @@ def bench_step_cost(
     for name in names:
         cfg = _config(name, *setting)
         methods[name] = build_method(cfg, World()).train()
-        batches[name] = _view_batches(methods[name], batch, steps, size=max(size, 96))
+        batches[name] = view_batches(methods[name], batch, steps, size=max(size, 96))
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):  # interleaved, so load drifts hit every method alike
         for name in names:

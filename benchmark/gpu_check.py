@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmark.bench import METHOD_SETTING, view_batches
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_loader, build_method, run_pretrain
 from benchmark.registry import get_method, registered_methods
@@ -41,6 +42,7 @@ def method_throughput(name: str, world: World, batch: int, steps: int, amp: bool
             f"pretrain.batch_size={batch}",
             f"pretrain.amp_bf16={str(amp).lower()}",
             f"pretrain.channels_last={str(cl).lower()}",
+            *METHOD_SETTING.get(name, ()),
         ),
         announce=False,
     )
@@ -48,7 +50,8 @@ def method_throughput(name: str, world: World, batch: int, steps: int, amp: bool
         torch.cuda.reset_peak_memory_stats()
     method = build_method(cfg, world)
     size = cfg.data.image_size
-    views = [torch.randn(batch, 3, size, size, device=world.device) for _ in range(2)]
+    # Real views of synthetic patches: methods such as ConCL need their crop boxes too.
+    views = [v.to(world.device) for v in view_batches(method, batch, 1, size=size)[0]]
     trainer = Pretrainer(cfg, world, method, steps_per_epoch=steps)
     warm = trainer.train_epoch([views] * 3, epoch=0)
     start = time.perf_counter()
