@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from benchmark.optim import OPTIMIZERS
 from benchmark.registry import get_method
 from methods.base import MethodConfig
 
@@ -56,8 +57,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD and the per-epoch LR schedule of the original (mmcv ``by_epoch=True``)."""
+    """SGD or LARS and the per-epoch LR schedule of the original (mmcv ``by_epoch=True``)."""
 
+    #: ``sgd`` (MoCo family) or ``lars`` (SimCLR, BYOL; see ``benchmark/optim.py``).
     name: str = "sgd"
     #: LR at ``reference_batch`` images; scaled linearly to the actual global batch.
     lr: float = 0.03
@@ -65,6 +67,8 @@ class OptimConfig:
     scale_lr: bool = True
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    #: LARS trust coefficient η (OpenSelfSup's ``eta``); unused by SGD.
+    trust_coefficient: float = 0.001
     #: ``cosine`` (to 0, stepped once per epoch) or ``step`` (MoCo-v1).
     schedule: str = "cosine"
     milestones: list[int] = field(default_factory=lambda: [120, 160])
@@ -318,7 +322,8 @@ def validate(cfg: DictConfig) -> None:
         (p.checkpoint_every >= 1, "pretrain.checkpoint_every must be >= 1"),
         (p.log_every >= 1, "pretrain.log_every must be >= 1"),
         (p.device in ("auto", "cpu", "cuda"), "pretrain.device must be auto, cpu or cuda"),
-        (o.name in ("sgd",), f"optim.name '{o.name}' is not supported; use sgd"),
+        (o.name in OPTIMIZERS, f"optim.name '{o.name}' is not supported; use sgd or lars"),
+        (o.trust_coefficient > 0, "optim.trust_coefficient must be > 0"),
         (o.schedule in ("cosine", "step"), "optim.schedule must be cosine or step"),
         (o.lr > 0, "optim.lr must be > 0"),
         (o.reference_batch >= 1, "optim.reference_batch must be >= 1"),

@@ -25,8 +25,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmark import checkpoint as ckpt
 from benchmark.config import check_layout, flatten, pretrain_hash, to_container, to_yaml
-from benchmark.data.seeding import MODEL_STREAM, EpochTaggedSampler, SeededSamples, mix_seed
+from benchmark.data.seeding import (
+    MODEL_STREAM,
+    EpochTaggedSampler,
+    IndexedSamples,
+    SeededSamples,
+    mix_seed,
+)
 from benchmark.distributed import barrier, seed_everything
+from benchmark.optim import build_optimizer
 from benchmark.progress import Progress, main_printer
 from benchmark.registry import get_method
 from benchmark.schedules import learning_rate, scaled_lr
@@ -70,7 +77,9 @@ def build_method(cfg: DictConfig, world: World) -> Method:
     return method_cls(method_cfg, build)
 
 
-def build_loader(cfg: DictConfig, world: World, dataset: Dataset) -> DataLoader:
+def build_loader(
+    cfg: DictConfig, world: World, dataset: Dataset, with_index: bool = False
+) -> DataLoader:
     """One loader for the whole run: call ``loader.sampler.set_epoch(e)`` before each epoch.
 
     Sampler order depends on (seed, epoch) and each sample's views on (seed, epoch, index),
@@ -86,7 +95,7 @@ def build_loader(cfg: DictConfig, world: World, dataset: Dataset) -> DataLoader:
     )
     workers = cfg.data.num_workers
     return DataLoader(
-        SeededSamples(dataset, cfg.pretrain.seed),
+        SeededSamples(dataset, cfg.pretrain.seed, with_index),
         batch_size=cfg.pretrain.batch_size // world.world_size,
         sampler=EpochTaggedSampler(sampler),
         num_workers=workers,
@@ -97,10 +106,36 @@ def build_loader(cfg: DictConfig, world: World, dataset: Dataset) -> DataLoader:
     )
 
 
+def build_eval_loader(cfg: DictConfig, world: World, dataset: Dataset) -> DataLoader:
+    """This process's share of every sample, in order, as ``(indices, images)`` batches.
+
+    ``DistributedSampler`` pads the last share with repeated samples so every process runs
+    the same number of batches; a repeated index carries the same image, so gathering by
+    index is unaffected.
+    """
+    sampler = DistributedSampler(
+        dataset, num_replicas=world.world_size, rank=world.rank, shuffle=False, drop_last=False
+    )
+    return DataLoader(
+        IndexedSamples(dataset),
+        batch_size=cfg.pretrain.batch_size // world.world_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=world.device.type == "cuda",
+    )
+
+
 class Pretrainer:
     """One method's optimisation loop; usable on its own (tests, ``make bench``)."""
 
-    def __init__(self, cfg: DictConfig, world: World, method: Method, steps_per_epoch: int):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        world: World,
+        method: Method,
+        steps_per_epoch: int,
+        eval_dataset: Dataset | None = None,
+    ):
         if steps_per_epoch < 1:
             raise ValueError(
                 f"an epoch has no full batch of {cfg.pretrain.batch_size} images: the dataset "
@@ -108,10 +143,15 @@ class Pretrainer:
             )
         self.cfg, self.world, self.method = cfg, world, method
         self.steps_per_epoch = steps_per_epoch
+        #: The training images under ``method.eval_view()``, for methods that need a pass.
+        self.eval_dataset = eval_dataset
         self.channels_last = cfg.pretrain.channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         method.to(device=world.device, memory_format=memory_format)
         self.model: nn.Module = method
+        if world.is_distributed and world.device.type == "cuda" and method.sync_bn:
+            # SimCLR/BYOL normalise over the global batch (SyncBN); gloo cannot run it.
+            nn.SyncBatchNorm.convert_sync_batchnorm(method)
         if world.is_distributed:
             self.model = DistributedDataParallel(
                 method,
@@ -121,8 +161,8 @@ class Pretrainer:
             )
         o = cfg.optim
         self.lr = scaled_lr(o.lr, cfg.pretrain.batch_size, o.reference_batch, o.scale_lr)
-        self.optimizer = torch.optim.SGD(
-            method.param_groups(), lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        self.optimizer = build_optimizer(
+            o.name, method.param_groups(), self.lr, o.momentum, o.weight_decay, o.trust_coefficient
         )
         self.autocast_dtype = torch.bfloat16 if cfg.pretrain.amp_bf16 else None
 
@@ -145,6 +185,7 @@ class Pretrainer:
         ctx = StepContext(epoch, epoch * self.steps_per_epoch, epochs, self.steps_per_epoch)
         self.method.train()
         self.method.on_epoch_start(ctx)
+        pass_metrics = self.dataset_pass(ctx) if self.method.wants_dataset_pass(ctx) else {}
         sums: dict[str, Tensor] = {}
         steps = 0
         lr = self.lr
@@ -186,7 +227,22 @@ class Pretrainer:
         means["lr"] = lr
         means["images_per_sec"] = steps * cfg.pretrain.batch_size / max(elapsed, 1e-9)
         means["epoch_time_s"] = elapsed
-        return means
+        return {**pass_metrics, **means}
+
+    def dataset_pass(self, ctx: StepContext) -> dict[str, float]:
+        """Hand the method this process's share of the training set (un-augmented)."""
+        if self.eval_dataset is None:
+            raise RuntimeError(f"{self.method.name} needs a dataset pass but has no eval dataset")
+        start = time.perf_counter()
+        loader = build_eval_loader(self.cfg, self.world, self.eval_dataset)
+        device = self.world.device
+        batches = (
+            (idx.to(device, non_blocking=True), img.to(device, non_blocking=True))
+            for idx, img in loader
+        )
+        metrics = self.method.on_dataset_pass(batches, len(self.eval_dataset), ctx)
+        self.method.train()
+        return {**metrics, "dataset_pass_time_s": time.perf_counter() - start}
 
     def _reduce_means(self, sums: dict[str, Tensor], steps: int) -> dict[str, float]:
         if not sums:
@@ -319,8 +375,11 @@ def run_pretrain(
     _ensure_data(cfg, world)
     method = build_method(cfg, world)
     dataset = PretrainImageDataset(cfg.data.root, cfg.data.list_file, transform=method.views())
+    eval_dataset = PretrainImageDataset(
+        cfg.data.root, cfg.data.list_file, transform=method.eval_view()
+    )
     steps_per_epoch = len(dataset) // cfg.pretrain.batch_size
-    trainer = Pretrainer(cfg, world, method, steps_per_epoch)
+    trainer = Pretrainer(cfg, world, method, steps_per_epoch, eval_dataset)
 
     start_epoch = 0
     latest = ckpt.latest_checkpoint(directory)
@@ -348,7 +407,7 @@ def run_pretrain(
     epoch = start_epoch
     status = "FAILED"
     try:
-        loader = build_loader(cfg, world, dataset)
+        loader = build_loader(cfg, world, dataset, method.wants_sample_index)
         for epoch in range(start_epoch, cfg.pretrain.epochs):
             # model-side randomness (e.g. shuffle-BN permutations): per (seed, epoch, rank)
             seed_everything(mix_seed(MODEL_STREAM, cfg.pretrain.seed, epoch, world.rank))

@@ -74,6 +74,21 @@ def moco_v1_view(image_size: int) -> transforms.Compose:
     )
 
 
+def center_view(image_size: int) -> transforms.Compose:
+    """The un-augmented view of an image: resize the short side, centre crop, normalise.
+
+    PCL embeds the training set with it; NCT patches are already square, so at 224 px this
+    is only the normalisation.
+    """
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            normalize(),
+        ]
+    )
+
+
 class MultiView:
     """Per-sample transform returning one tensor per view transform.
 

@@ -6,7 +6,7 @@ checkpoints, tracking and progress. A method owns its networks, its views and it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -97,6 +97,12 @@ class Method(nn.Module):
     find_unused_parameters: ClassVar[bool] = False
     #: False for baselines that skip pre-training (random initialisation).
     pretrains: ClassVar[bool] = True
+    #: True for methods whose BN spans the global batch (SimCLR, BYOL): the engine converts
+    #: BatchNorm to SyncBatchNorm under DDP on CUDA. One process already sees the batch.
+    sync_bn: ClassVar[bool] = False
+    #: True for methods that need each sample's dataset index (PCL's cluster assignments):
+    #: the loader then appends a (B,) long tensor of indices after the views.
+    wants_sample_index: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, build: BuildContext) -> None:
         super().__init__()
@@ -112,7 +118,24 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def on_epoch_start(self, ctx: StepContext) -> None:
-        """Hook for per-epoch switches (warm-up, clustering)."""
+        """Hook for per-epoch switches (warm-up)."""
+
+    def wants_dataset_pass(self, ctx: StepContext) -> bool:
+        """True before epochs that start with a pass over the whole training set (PCL)."""
+        return False
+
+    def eval_view(self) -> Callable[[Any], Tensor]:
+        """Transform of the dataset pass: one un-augmented view per image."""
+        from methods.augment import center_view
+
+        return center_view(self.build_ctx.image_size)
+
+    def on_dataset_pass(
+        self, batches: Iterable[tuple[Tensor, Tensor]], num_samples: int, ctx: StepContext
+    ) -> dict[str, float]:
+        """Consume ``(indices, images)`` batches of this process's share of the training set,
+        already on the device; returns metrics to log. Collectives are the method's own."""
+        raise NotImplementedError(f"method {self.name!r} asked for a dataset pass")
 
     def on_step_end(self, ctx: StepContext) -> None:
         """Hook after the optimizer step (e.g. momentum schedules)."""

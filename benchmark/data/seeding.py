@@ -51,12 +51,14 @@ class SeededSamples(Dataset):
     """Loads ``dataset[index]`` with torch's RNG seeded from (seed, epoch, index).
 
     The caller's RNG state is restored afterwards, so loading in the main process
-    (``num_workers=0``) does not disturb the model's random draws.
+    (``num_workers=0``) does not disturb the model's random draws. With ``with_index`` the
+    sample's index is appended to its list of views (methods that track samples, e.g. PCL).
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, with_index: bool = False) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -65,4 +67,20 @@ class SeededSamples(Dataset):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(DATA_STREAM, self.seed, epoch, index))
-            return self.dataset[index]
+            item = self.dataset[index]
+        if self.with_index:
+            return [*item, torch.tensor(index)]
+        return item
+
+
+class IndexedSamples(Dataset):
+    """``(index, dataset[index])``: a pass over the data that knows which sample is which."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
