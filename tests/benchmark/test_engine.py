@@ -149,3 +149,30 @@ def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path: Path):
         run_pretrain(cfg, World())
     child = runs("tags.stage = 'pretrain'")[0]
     assert child.info.status == "FAILED"
+
+
+def _pretraining_methods() -> list[str]:
+    from benchmark.registry import get_method, registered_methods
+
+    return [m for m in registered_methods() if get_method(m).pretrains]
+
+
+@pytest.mark.parametrize("method", _pretraining_methods())
+def test_every_method_runs_its_demo_config_and_trains_every_loss_term(
+    method: str, tiny_overrides, tmp_path: Path
+):
+    """Two epochs of each method's demo config on the tiny folder: the demo warm-ups are
+    one epoch, so the second runs what is distinctive (concepts, prototypes)."""
+    overrides = [o for o in tiny_overrides(tmp_path / "out") if not o.startswith("method.")]
+    cfg = load_config(method, "demo", overrides=tuple(overrides), announce=False)
+    result = run_pretrain(cfg, World())
+    assert result.epochs_done == 2
+    child = runs("tags.stage = 'pretrain'")[0]
+    terms = [k for k in child.data.metrics if k == "loss" or k.endswith("_loss")]
+    assert "loss" in terms
+    for term in terms:
+        history = sorted(
+            MlflowClient().get_metric_history(child.info.run_id, term), key=lambda m: m.step
+        )
+        assert len(history) == 2 and all(np.isfinite(m.value) for m in history), term
+        assert history[-1].value > 0, f"{method}: {term} is 0 in the last epoch"
