@@ -28,6 +28,7 @@ from PIL import Image
 
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_method
+from benchmark.optim import build_optimizer
 from benchmark.progress import Progress
 from benchmark.registry import get_method, registered_methods
 from methods.base import StepContext, World
@@ -41,8 +42,11 @@ SETTING = (
     "pretrain.amp_bf16=false",
     "pretrain.log_every=4",
 )
-#: Per-method additions: ConCL is measured with its concept loss on (no warm-up).
-METHOD_SETTING: dict[str, tuple[str, ...]] = {"concl": ("method.warmup_epochs=0",)}
+#: Per-method additions: ConCL and PCL are measured with their concept/prototype loss on.
+METHOD_SETTING: dict[str, tuple[str, ...]] = {
+    "concl": ("method.warmup_epochs=0",),
+    "pcl": ("method.warmup_epochs=0",),
+}
 #: Step-cost targets relative to MoCo-v2 (issue 4).
 STEP_COST_TARGETS = {"concl": 1.3, "densecl": 1.1}
 
@@ -58,14 +62,40 @@ def view_batches(
     batches = []
     for _ in range(steps):
         per_image = [transform(img) for img in images]
-        batches.append([torch.stack(v) for v in zip(*per_image, strict=True)])
+        views = [torch.stack(v) for v in zip(*per_image, strict=True)]
+        if method.wants_sample_index:
+            views.append(torch.arange(batch))
+        batches.append(views)
     return batches
+
+
+def prime(method, count: int, size: int = 96, seed: int = 1) -> None:
+    """Run a method's dataset pass once over ``count`` synthetic patches, then no more.
+
+    The bench times training steps; PCL's per-epoch clustering is a separate cost (logged
+    as ``dataset_pass_time_s`` in real runs), so it is done once up front, in every loop.
+    Call it after the method is on its device.
+    """
+    from benchmark.data.synthetic import render_patch
+
+    ctx = StepContext(0, 0, 1, 1)
+    if not method.wants_dataset_pass(ctx):
+        return
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(render_patch(rng, size)[0]) for _ in range(count)]
+    view = method.eval_view()
+    device = next(method.parameters()).device
+    batch = (torch.arange(len(images), device=device), torch.stack([view(i) for i in images]))
+    method.on_dataset_pass([batch], len(images), ctx)
+    method.train()
+    method.wants_dataset_pass = lambda ctx: False  # type: ignore[method-assign]
 
 
 def _harness_rate(cfg, batches) -> float:
     world = World()
     method = build_method(cfg, world)
     trainer = Pretrainer(cfg, world, method, steps_per_epoch=len(batches))
+    prime(method, cfg.pretrain.batch_size)
     trainer.train_epoch(batches[:2], epoch=0)  # warm-up: allocator, first-call costs
     progress = Progress(world, 0, 1, len(batches), cfg.pretrain.batch_size)
     start = time.perf_counter()
@@ -73,17 +103,20 @@ def _harness_rate(cfg, batches) -> float:
     return len(batches) * cfg.pretrain.batch_size / (time.perf_counter() - start)
 
 
+def _bare_optimizer(cfg, method) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return build_optimizer(
+        o.name, method.param_groups(), 0.001, o.momentum, o.weight_decay, o.trust_coefficient
+    )
+
+
 def _bare_rate(cfg, batches) -> float:
     method = build_method(cfg, World())
+    prime(method, cfg.pretrain.batch_size)
     fmt = torch.channels_last if cfg.pretrain.channels_last else torch.contiguous_format
     method.to(memory_format=fmt)
     method.train()
-    opt = torch.optim.SGD(
-        method.parameters(),
-        lr=0.001,
-        momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    opt = _bare_optimizer(cfg, method)
     ctx = StepContext(0, 0, 1, len(batches))
 
     def run(bs):
@@ -93,6 +126,7 @@ def _bare_rate(cfg, batches) -> float:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            method.on_step_end(ctx)
 
     run(batches[:2])
     start = time.perf_counter()
@@ -125,9 +159,10 @@ def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
     }
 
 
-def _bare_step_time(method, batches: list[list[torch.Tensor]], lr: float = 0.001) -> float:
-    """Median seconds of one forward, backward and SGD step over ``batches`` (after one)."""
-    opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9)
+def _bare_step_time(cfg, method, batches: list[list[torch.Tensor]]) -> float:
+    """Median seconds of one training step (forward, backward, the method's optimizer and
+    its post-step hook) over ``batches``, after one untimed step."""
+    opt = _bare_optimizer(cfg, method)
     ctx = StepContext(0, 0, 1, len(batches))
     times = []
     for i, views in enumerate([batches[0], *batches]):
@@ -136,6 +171,7 @@ def _bare_step_time(method, batches: list[list[torch.Tensor]], lr: float = 0.001
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        method.on_step_end(ctx)
         if i:  # the first call pays allocator and first-use costs
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -151,15 +187,17 @@ def bench_step_cost(
         f"pretrain.bn_batch_size={batch}",
     )
     names = ["mocov2", *[n for n in names if n != "mocov2"]]
-    methods, batches = {}, {}
+    methods, batches, configs = {}, {}, {}
     for name in names:
         cfg = _config(name, *setting)
+        configs[name] = cfg
         methods[name] = build_method(cfg, World()).train()
+        prime(methods[name], batch, size=max(size, 96))
         batches[name] = view_batches(methods[name], batch, steps, size=max(size, 96))
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):  # interleaved, so load drifts hit every method alike
         for name in names:
-            seconds[name].append(_bare_step_time(methods[name], batches[name]))
+            seconds[name].append(_bare_step_time(configs[name], methods[name], batches[name]))
     per_step = {name: statistics.median(v) for name, v in seconds.items()}
     return {
         "setting": {"image_size": size, "batch": batch, "steps": steps, "repeats": repeats},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.bench import METHOD_SETTING, view_batches
+from benchmark.bench import METHOD_SETTING, prime, view_batches
 from benchmark.config import load_config
 from benchmark.engine import Pretrainer, build_loader, build_method, run_pretrain
 from benchmark.registry import get_method, registered_methods
@@ -53,6 +53,7 @@ def method_throughput(name: str, world: World, batch: int, steps: int, amp: bool
     # Real views of synthetic patches: methods such as ConCL need their crop boxes too.
     views = [v.to(world.device) for v in view_batches(method, batch, 1, size=size)[0]]
     trainer = Pretrainer(cfg, world, method, steps_per_epoch=steps)
+    prime(method, batch, size=size)  # PCL: one clustering, so its step has prototypes
     warm = trainer.train_epoch([views] * 3, epoch=0)
     start = time.perf_counter()
     out = trainer.train_epoch([views] * steps, epoch=0)

@@ -22,6 +22,9 @@ BUILTIN_METHODS = (
     "methods.mocov2",
     "methods.densecl",
     "methods.concl",
+    "methods.pcl",
+    "methods.byol",
+    "methods.simclr",
     "methods.random_init",
 )
 

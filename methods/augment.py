@@ -89,6 +89,51 @@ def center_view(image_size: int) -> transforms.Compose:
     )
 
 
+def simclr_view(image_size: int) -> transforms.Compose:
+    """One SimCLR view (spec §3.2; the ``train_pipeline`` of ConCL's NCT SimCLR config).
+
+    Unlike MoCo-v2: the crop scale starts at 0.08, the flip comes second, and the jitter is
+    stronger (0.8, 0.8, 0.8, 0.2).
+    """
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
+            normalize(),
+        ]
+    )
+
+
+def byol_views(image_size: int) -> list[transforms.Compose]:
+    """BYOL's two asymmetric views (spec §3.2; ``train_pipeline1/2`` of ConCL's NCT BYOL config).
+
+    Both: bicubic crop with scale from 0.08, flip second, jitter (0.4, 0.4, 0.2, 0.1) with
+    p 0.8, grayscale 0.2. They differ only in blur (p 1.0 / 0.1) and solarisation (p 0.0 /
+    0.2, pixels >= 128 inverted: OpenSelfSup's ``Solarization`` is torchvision's).
+    """
+    return [
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(
+                    image_size,
+                    scale=(0.08, 1.0),
+                    interpolation=transforms.InterpolationMode.BICUBIC,
+                ),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomApply([PILGaussianBlur((0.1, 2.0))], p=blur_p),
+                transforms.RandomSolarize(128, p=solarize_p),
+                normalize(),
+            ]
+        )
+        for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))
+    ]
+
+
 class MultiView:
     """Per-sample transform returning one tensor per view transform.
 

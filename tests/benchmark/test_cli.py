@@ -30,7 +30,8 @@ def test_unknown_method_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
     assert main(["pretrain", "--method", "nope", "--profile", "demo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: unknown method 'nope'; registered methods: concl, densecl, mocov1, mocov2, random"
+        "error: unknown method 'nope'; registered methods: "
+        "byol, concl, densecl, mocov1, mocov2, pcl, random, simclr"
     ]
 
 
@@ -53,7 +54,7 @@ def test_missing_data_root_says_what_to_do(capsys: pytest.CaptureFixture[str], t
 
 def test_methods_and_help(capsys: pytest.CaptureFixture[str]):
     assert main(["methods"]) == 0
-    assert capsys.readouterr().out.startswith("concl")
+    assert capsys.readouterr().out.startswith("byol")
     with pytest.raises(SystemExit) as info:
         main(["pretrain", "--help"])
     assert info.value.code == 0
