@@ -81,8 +81,11 @@ class MoCoV2(Method):
         pooled = encoder["backbone"](images).mean(dim=(2, 3))
         return F.normalize(encoder["head"](pooled).float(), dim=1)
 
-    def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        im_q, im_k = views
+    def instance_step(self, im_q: Tensor, im_k: Tensor) -> tuple[Tensor, Tensor]:
+        """MoCo's step: momentum update, shuffled keys, InfoNCE against the queue, enqueue.
+
+        Returns the queries (for methods that add a loss on them, e.g. PCL) and the loss.
+        """
         q = self.embed(self.encoder_q, im_q)
         with torch.no_grad():
             # As in MoCo: the key encoder moves before it encodes this step's keys.
@@ -94,7 +97,11 @@ class MoCoV2(Method):
                 k = batch_unshuffle(k, idx_unshuffle)
         loss = info_nce(q, k, self.queue.keys(), self.cfg.temperature)
         self.queue.enqueue(concat_all_gather(k))
-        return {"loss": loss}
+        return q, loss
+
+    def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        im_q, im_k = views
+        return {"loss": self.instance_step(im_q, im_k)[1]}
 
     def backbone(self) -> nn.Module:
         return self.encoder_q["backbone"]

@@ -31,11 +31,8 @@ from benchmark.registry import register_method
 from methods.augment import normalize
 from methods.base import BuildContext, StepContext
 from methods.clustering import concentration, kmeans
-from methods.distributed import concat_all_gather, is_distributed, rank
-from methods.losses import info_nce
+from methods.distributed import is_distributed, rank
 from methods.mocov2 import MoCoV2, MoCoV2Config
-from methods.momentum import ema_update_
-from methods.shuffle_bn import batch_shuffle, batch_unshuffle
 
 
 @dataclass
@@ -287,18 +284,7 @@ class PCL(MoCoV2):
         return metrics
 
     def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        im_q, im_k = views[0], views[1]
-        q = self.embed(self.encoder_q, im_q)
-        with torch.no_grad():
-            # As in MoCo: the key encoder moves before it encodes this step's keys.
-            ema_update_(self.encoder_k, self.encoder_q, self.cfg.momentum)
-            if self.cfg.shuffle_bn:
-                im_k, idx_unshuffle = batch_shuffle(im_k)
-            k = self.embed(self.encoder_k, im_k)
-            if self.cfg.shuffle_bn:
-                k = batch_unshuffle(k, idx_unshuffle)
-        instance = info_nce(q, k, self.queue.keys(), self.cfg.temperature)
-        self.queue.enqueue(concat_all_gather(k))
+        q, instance = self.instance_step(views[0], views[1])
         if ctx.epoch < self.cfg.warmup_epochs:
             proto = instance.new_zeros(())
         else:
