@@ -64,7 +64,6 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -m benchmark.gpu_check
 
+# The MLflow UI on 127.0.0.1:$(PORT) over the project's store; Ctrl-C stops it.
 ui: $(STAMP)
-	mkdir -p mlruns/artifacts
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db \
-		--default-artifact-root ./mlruns/artifacts --host 127.0.0.1 --port $(PORT)
+	$(PY) -m benchmark ui --port $(PORT)

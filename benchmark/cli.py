@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("target", type=Path, help="output .pth")
 
     sub.add_parser("methods", help="list the registered methods")
+
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI for the project's runs on 127.0.0.1",
+        description=(
+            "Start `mlflow server` on the project's tracking store (MLFLOW_TRACKING_URI, else "
+            "sqlite:///mlruns/mlflow.db), bound to 127.0.0.1. Benchmarks show as parents with "
+            "their pre-training and fine-tuning runs nested; Ctrl-C stops the server."
+        ),
+    )
+    ui.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 5000))
     return parser
 
 
@@ -290,6 +301,25 @@ def _methods() -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from benchmark.config import ConfigError, TrackingConfig
+    from benchmark.ui import DEFAULT_HOST, port_in_use, server_command
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"PORT={args.port} is not a TCP port (1-65535)")
+    if port_in_use(args.port):
+        raise ConfigError(
+            f"port {args.port} on {DEFAULT_HOST} is in use (a UI already running?); "
+            f"open http://{DEFAULT_HOST}:{args.port} or pick another with PORT=…"
+        )
+    cmd = server_command(args.port, artifact_root=TrackingConfig.artifact_root)
+    print(
+        f"==> MLflow UI: http://{DEFAULT_HOST}:{args.port} (store {cmd[5]}); Ctrl-C stops it",
+        file=sys.stderr,
+    )
+    return subprocess.call(cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -304,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "methods":
             return _methods()
+        if args.command == "ui":
+            return _ui(args)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(

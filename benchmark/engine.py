@@ -315,7 +315,10 @@ def _open_child(
 
     tracker, parent_id = parent if parent is not None else open_parent(cfg)
     child, created = tracker.child_run(
-        parent_id, "pretrain", {"method": cfg.method.name, "pretrain_hash": digest}
+        parent_id,
+        "pretrain",
+        {"method": cfg.method.name, "pretrain_hash": digest},
+        run_name=f"pretrain {cfg.method.name} ep{cfg.pretrain.epochs}",
     )
     if created:
         params = flatten({k: v for k, v in to_container(cfg).items() if k != "finetune"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,25 @@ def results_table(label: str, epochs: Any, summary: dict[str, float], seeds: int
     return "\n".join(lines)
 
 
+#: Called after each finished seed with (dataset, seed, metrics); ``False`` stops the benchmark.
+SeedCallback = Callable[[str, int, dict[str, float]], bool]
+
+
 def run_benchmark(
     cfg: DictConfig,
     world: World,
     weights: Path | None = None,
     stop_after_iter: int | None = None,
+    on_seed: SeedCallback | None = None,
+    parent_tags: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """The whole benchmark for ``cfg.method``; ``weights`` skips pre-training (any
-    torchvision-format ResNet state_dict). Returns the aggregates (rank 0)."""
+    torchvision-format ResNet state_dict). Returns the aggregates (rank 0).
+
+    ``on_seed`` lets a caller stop after any seed (an Optuna pruner): the remaining seeds
+    are skipped, the parent is marked KILLED and the aggregates of the finished seeds are
+    returned. ``parent_tags`` go on the parent run if this call creates it.
+    """
     from benchmark.transfer.finetune import finetune
 
     say = main_printer(world)
@@ -97,7 +109,7 @@ def run_benchmark(
         from benchmark.tracking import open_parent
 
         label = f"weights-{_file_digest(weights)}" if external else None
-        tracker, parent = open_parent(cfg, label)
+        tracker, parent = open_parent(cfg, label, parent_tags)
         if external:
             tracker.set_tags(parent, {"weights": str(weights)})
     status = "FAILED"
@@ -109,9 +121,12 @@ def run_benchmark(
             tracker.set_tags(parent, {"backbone": str(weights)})
         base = transfer_dir(cfg, weights, external)
         per_seed: dict[str, list[dict[str, float]]] = {}
+        stopped = False
         for name in cfg.finetune.datasets:
             per_seed[name] = []
             for seed in range(1, cfg.finetune.seeds + 1):
+                if stopped:
+                    break
                 metrics = _one_seed(
                     cfg,
                     name,
@@ -126,6 +141,11 @@ def run_benchmark(
                 )
                 if metrics:
                     per_seed[name].append(metrics)
+                    if on_seed is not None and not on_seed(name, seed, metrics):
+                        stopped = True
+        if stopped:
+            status = "KILLED"
+            return aggregate(per_seed)
         if stop_after_iter is not None:
             status = "KILLED"
             return {}

@@ -52,6 +52,14 @@ def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
+def _default_child_name(stage: str, tags: Mapping[str, Any]) -> str:
+    """``finetune glas seed 3``: the stage, then ``key value`` pairs (dataset values bare)."""
+    words = [stage]
+    for key, value in tags.items():
+        words += [str(value)] if key in ("dataset", "method") else [key, str(value)]
+    return " ".join(words)
+
+
 class Tracker:
     """Find-or-create runs by tags so that re-running a command continues, never duplicates."""
 
@@ -78,8 +86,19 @@ class Tracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def parent_run(self, method: str, config_hash: str, tags: Mapping[str, str]) -> str:
-        """The benchmark run of ``method`` at ``config_hash``, created on first use."""
+    def parent_run(
+        self,
+        method: str,
+        config_hash: str,
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+        created_tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """The benchmark run of ``method`` at ``config_hash``, created on first use.
+
+        ``created_tags`` are set only when the run is made here (e.g. the Optuna trial that
+        asked for it, or ``mlflow.parentRunId`` to nest it under that trial).
+        """
         run_id = self._find(
             f"tags.run_kind = 'benchmark' and tags.method = '{_quote(method)}' "
             f"and tags.config_hash = '{_quote(config_hash)}'"
@@ -87,14 +106,21 @@ class Tracker:
         if run_id is None:
             all_tags = {"run_kind": "benchmark", "method": method, "config_hash": config_hash}
             all_tags.update(tags)
+            all_tags.update(created_tags or {})
             run = self.client.create_run(
-                self.experiment_id, tags=all_tags, run_name=f"{method}-{config_hash}"
+                self.experiment_id, tags=all_tags, run_name=run_name or f"{method}-{config_hash}"
             )
             run_id = run.info.run_id
         return run_id
 
-    def child_run(self, parent_id: str, stage: str, tags: Mapping[str, str]) -> tuple[str, bool]:
-        """The ``stage`` child of ``parent_id`` matching ``tags``; ``True`` when newly made."""
+    def child_run(
+        self, parent_id: str, stage: str, tags: Mapping[str, str], run_name: str | None = None
+    ) -> tuple[str, bool]:
+        """The ``stage`` child of ``parent_id`` matching ``tags``; ``True`` when newly made.
+
+        The default name is the stage and the tag values (``finetune glas seed 3`` reads
+        better in the UI's run list than ids).
+        """
         clauses = [f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_id}'", f"tags.stage = '{stage}'"]
         clauses += [f"tags.{k} = '{_quote(str(v))}'" for k, v in tags.items()]
         run_id = self._find(" and ".join(clauses))
@@ -102,8 +128,9 @@ class Tracker:
             return run_id, False
         all_tags = {PARENT_RUN_ID_TAG: parent_id, "stage": stage, "run_kind": stage}
         all_tags.update({k: str(v) for k, v in tags.items()})
-        name = "-".join([stage, *(str(v) for v in tags.values())])
-        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run = self.client.create_run(
+            self.experiment_id, tags=all_tags, run_name=run_name or _default_child_name(stage, tags)
+        )
         return run.info.run_id, True
 
     def status(self, run_id: str) -> str:
@@ -138,25 +165,75 @@ class Tracker:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
 
-def open_parent(cfg: Any, label: str | None = None) -> tuple[Tracker, str]:
+BACKBONE = "r18"
+DESCRIPTION_TAG = "mlflow.note.content"
+
+
+def parent_run_name(label: str, epochs: Any, profile: str, external: bool = False) -> str:
+    """``concl r18 ep400`` (``… demo`` on the demo profile): what the UI's run list shows."""
+    words = [label, BACKBONE] if not external else [label]
+    if not external and label != "random":
+        words.append(f"ep{epochs}")
+    if profile != "paper":
+        words.append(profile)
+    return " ".join(words)
+
+
+def parent_description(cfg: Any, label: str, external: bool = False) -> str:
+    """The parent's description (the UI's "Description" field): what this run is."""
+    from benchmark.config import config_hash
+
+    ft = cfg.finetune
+    datasets = ", ".join(d.upper() if d != "glas" else "GlaS" for d in ft.datasets)
+    if external:
+        source = f"Scores the external ResNet-18 weights `{label}`"
+    elif label == "random":
+        source = "Random-initialisation baseline (no pre-training)"
+    else:
+        source = (
+            f"Benchmark of **{label}**: pre-trains ResNet-18 for {cfg.pretrain.epochs} epochs "
+            f"(global batch {cfg.pretrain.batch_size}) on `{cfg.data.root}`"
+        )
+    return (
+        f"{source}, then fine-tunes Mask R-CNN R18-FPN on {datasets} with "
+        f"{ft.seeds} seed{'s' if ft.seeds != 1 else ''} each and reports COCO AP. "
+        f"Profile `{cfg.profile}`, config hash `{config_hash(cfg)}` (the resolved config is "
+        "the `config.yaml` artifact). The aggregate metrics `<dataset>_<bbox|segm>_AP_<mean|std>` "
+        "are on this run; the pre-training and each fine-tuning seed are its child runs."
+    )
+
+
+def open_parent(
+    cfg: Any,
+    label: str | None = None,
+    created_tags: Mapping[str, str] | None = None,
+) -> tuple[Tracker, str]:
     """The tracker and the parent run of ``cfg`` (a resolved experiment config).
 
     The parent is keyed by (``label`` or the method, hash of the whole config), so the
     pre-training child and every fine-tuning child of one benchmark hang under one run.
-    External weights pass a label naming their file's digest.
+    External weights pass a label naming their file's digest. ``created_tags`` go on the
+    parent only if it is made here (an Optuna trial nests the parent it asked for).
     """
     from benchmark.config import config_hash, pretrain_hash, to_yaml
 
     t = cfg.tracking
     tracker = Tracker(t.experiment, t.uri, t.artifact_root)
+    name = label or cfg.method.name
+    external = label is not None
     parent = tracker.parent_run(
-        label or cfg.method.name,
+        name,
         config_hash(cfg),
         {
             "epochs": str(cfg.pretrain.epochs),
             "profile": cfg.profile,
             "git_commit": git_commit(),
             "pretrain_hash": pretrain_hash(cfg),
+        },
+        run_name=parent_run_name(name, cfg.pretrain.epochs, cfg.profile, external),
+        created_tags={
+            DESCRIPTION_TAG: parent_description(cfg, name, external),
+            **(created_tags or {}),
         },
     )
     if "config.yaml" not in {a.path for a in tracker.client.list_artifacts(parent)}:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from benchmark.config import config_hash as cfg_hash
 from benchmark.config import load_config
 from benchmark.pipeline import run_benchmark
 from methods.base import World
@@ -75,6 +76,12 @@ def test_random_init_benchmark_tracks_seeds_and_never_reruns(tmp_path: Path, cap
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
     mean = sum(r.data.metrics["bbox_AP"] for r in runs) / 2
     assert parent.data.metrics["glas_bbox_AP_mean"] == mean
+    # what the MLflow UI's run list and description show
+    assert parent.info.run_name == "random r18 demo"
+    assert sorted(r.info.run_name for r in runs) == ["finetune glas seed 1", "finetune glas seed 2"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("Random-initialisation baseline")
+    assert "GlaS with 2 seeds" in description and cfg_hash(cfg) in description
 
     files = sorted((tmp_path / "out").rglob("metrics.json"))
     assert len(files) == 2
@@ -160,3 +167,24 @@ def test_finetune_scores_external_weights_under_their_own_parent(tmp_path: Path)
     assert children("pretrain") == []
     missing = ["finetune", "--weights", str(tmp_path / "nope.pth"), "--profile", "demo"]
     assert main(missing) == 2
+
+
+def test_a_seed_callback_stops_the_benchmark_after_any_seed(tmp_path: Path):
+    """What an Optuna pruner needs: stop after seed 1, keep its result, mark the parent KILLED."""
+    seen: list[tuple[str, int, float]] = []
+
+    def on_seed(dataset: str, seed: int, metrics: dict[str, float]) -> bool:
+        seen.append((dataset, seed, metrics["bbox_AP"]))
+        return False
+
+    cfg = tiny(tmp_path, "random")
+    summary = run_benchmark(cfg, World(), on_seed=on_seed, parent_tags={"tune_study": "s"})
+    assert [(d, s) for d, s, _ in seen] == [("glas", 1)]
+    assert summary == {"glas_bbox_AP_mean": seen[0][2], "glas_bbox_AP_std": 0.0} | {
+        k: v for k, v in summary.items() if k.startswith("glas_segm")
+    }
+    runs = children("finetune")
+    assert [r.data.tags["seed"] for r in runs] == ["1"]
+    parent = MlflowClient().get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["tune_study"] == "s"
