@@ -49,7 +49,8 @@ def transfer_dir(cfg: DictConfig, weights: Path | None, external: bool) -> Path:
 
 
 def aggregate(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for one seed) of box and mask AP per dataset."""
+    """Mean, sample standard deviation (0 for one seed) and count of the seeds' box and mask
+    AP per dataset: ``glas_bbox_AP_mean``, ``glas_bbox_AP_std``, ``glas_seeds``, …"""
     out: dict[str, float] = {}
     for name, runs in per_seed.items():
         for metric in ("bbox_AP", "segm_AP"):
@@ -58,24 +59,31 @@ def aggregate(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, float]:
                 continue
             out[f"{name}_{metric}_mean"] = statistics.fmean(values)
             out[f"{name}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[f"{name}_seeds"] = float(len(values))
     return out
 
 
-def results_table(label: str, epochs: Any, summary: dict[str, float], seeds: int) -> str:
-    """A markdown row in the paper's layout: AP_bb and AP_mk as mean ± std over seeds."""
+def results_table(label: str, epochs: Any, summary: dict[str, float]) -> str:
+    """A markdown row in the paper's layout: AP_bb and AP_mk as mean ± std over seeds
+    (``–`` for the spread of one seed, which has none)."""
     header = ["method", "epochs"]
     row = [label, str(epochs)]
+    counts = []
     for name, title in DATASET_TITLES.items():
+        n = int(summary.get(f"{name}_seeds", 0))
         for metric, short in (("bbox_AP", "AP_bb"), ("segm_AP", "AP_mk")):
             key = f"{name}_{metric}_mean"
             if key in summary:
                 header.append(f"{title} {short}")
-                row.append(f"{summary[key]:.1f} ± {summary[f'{name}_{metric}_std']:.1f}")
+                spread = f"{summary[f'{name}_{metric}_std']:.1f}" if n > 1 else "–"
+                row.append(f"{summary[key]:.1f} ± {spread}")
+        if n:
+            counts.append(f"{n} {title} seed{'s' if n != 1 else ''}")
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         "| " + " | ".join(row) + " |",
-        f"(mean ± sample std over {seeds} seed{'s' if seeds != 1 else ''})",
+        f"(COCO AP, mean ± sample std over {', '.join(counts)})",
     ]
     return "\n".join(lines)
 
@@ -154,7 +162,7 @@ def run_benchmark(
             tracker.log_metrics(parent, summary, step=0)
             label = cfg.method.name if not external else f"{Path(weights).name}"
             epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
-            say("\n" + results_table(label, epochs, summary, cfg.finetune.seeds))
+            say("\n" + results_table(label, epochs, summary))
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:

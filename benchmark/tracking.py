@@ -238,5 +238,27 @@ def open_parent(
     )
     if "config.yaml" not in {a.path for a in tracker.client.list_artifacts(parent)}:
         tracker.log_text(parent, to_yaml(cfg), "config.yaml")
+        tracker.log_params(parent, compare_params(cfg))
     tracker.set_running(parent)
     return tracker, parent
+
+
+def compare_params(cfg: Any) -> dict[str, Any]:
+    """The parent's params: what tells benchmarks apart in the UI's compare view (the
+    method's hyperparameters, budget, batch, seeds); the whole config is ``config.yaml``."""
+    from benchmark.config import flatten, to_container
+
+    resolved = to_container(cfg)
+    params = flatten(resolved["method"], "method.")
+    params.update(
+        {
+            "profile": cfg.profile,
+            "pretrain.epochs": cfg.pretrain.epochs,
+            "pretrain.batch_size": cfg.pretrain.batch_size,
+            "optim.name": cfg.optim.name,
+            "optim.lr": cfg.optim.lr,
+            "finetune.seeds": cfg.finetune.seeds,
+            "finetune.datasets": ",".join(cfg.finetune.datasets),
+        }
+    )
+    return params
