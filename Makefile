@@ -15,11 +15,12 @@ WEIGHTS ?=
 ARGS    ?=
 CONFIG  ?=
 PORT    ?= 5000
+BASELINE ?= mocov2
 
 COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods
+.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods report
 
 install: $(STAMP)
 
@@ -63,6 +64,10 @@ bench: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) -m benchmark.gpu_check
+
+# reports/results.md, results.csv and figures from every finished benchmark in MLflow.
+report: $(STAMP)
+	$(PY) -m benchmark report --baseline $(BASELINE)
 
 # The MLflow UI on 127.0.0.1:$(PORT) over the project's store; Ctrl-C stops it.
 ui: $(STAMP)

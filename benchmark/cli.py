@@ -141,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods")
 
+    report = sub.add_parser(
+        "report",
+        help="write reports/results.md, results.csv and figures from the MLflow runs",
+        description=(
+            "Read every finished benchmark from MLflow and write the results table (mean ± "
+            "std over seeds with n, best per column, Welch's t-test against a baseline, the "
+            "paper's AP beside ours), its CSV and figures; log them to a stage=report run. "
+            "Demo and paper rows go to separate tables."
+        ),
+    )
+    report.add_argument(
+        "--baseline", default="mocov2", help="method every row is compared with (default mocov2)"
+    )
+    report.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
+
     ui = sub.add_parser(
         "ui",
         help="serve the MLflow UI for the project's runs on 127.0.0.1",
@@ -301,6 +316,20 @@ def _methods() -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from benchmark.config import TrackingConfig
+    from benchmark.report import build_report
+
+    tracking = TrackingConfig()
+    result = build_report(tracking.uri, tracking.experiment, args.out, baseline=args.baseline)
+    print(
+        f"==> report: {result.markdown}, {result.csv} and {len(result.figures)} figures "
+        f"(MLflow run {result.run_id})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from benchmark.config import ConfigError, TrackingConfig
     from benchmark.ui import DEFAULT_HOST, port_in_use, server_command
@@ -336,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _methods()
         if args.command == "ui":
             return _ui(args)
+        if args.command == "report":
+            return _report(args)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(

@@ -125,3 +125,23 @@ def test_data_check_lists_problems_by_file(tmp_path: Path, capsys: pytest.Captur
     next((coco / "train").iterdir()).unlink()
     assert main(["data", "check", str(coco)]) == 1
     assert "train" in capsys.readouterr().out
+
+
+def test_report_on_an_empty_store_is_one_line_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+):
+    assert main(["report", "--out", str(tmp_path / "reports")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own INFO lines
+    assert err.startswith("error: no finished benchmark runs") and "make benchmark" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_ui_refuses_a_busy_port(capsys: pytest.CaptureFixture[str]):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
