@@ -199,7 +199,12 @@ def parent_description(cfg: Any, label: str, external: bool = False) -> str:
         f"{ft.seeds} seed{'s' if ft.seeds != 1 else ''} each and reports COCO AP. "
         f"Profile `{cfg.profile}`, config hash `{config_hash(cfg)}` (the resolved config is "
         "the `config.yaml` artifact). The aggregate metrics `<dataset>_<bbox|segm>_AP_<mean|std>` "
-        "are on this run; the pre-training and each fine-tuning seed are its child runs."
+        "are on this run; "
+        + (
+            "each fine-tuning seed is a child run."
+            if external or label == "random"
+            else "the pre-training and each fine-tuning seed are its child runs."
+        )
     )
 
 
