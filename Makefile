@@ -16,11 +16,17 @@ ARGS    ?=
 CONFIG  ?=
 PORT    ?= 5000
 BASELINE ?= mocov2
+TRIALS  ?= 10
+WORKERS ?= 1
+STUDY   ?=
+STORAGE ?=
+DASHBOARD_PORT ?= 8080
 
 COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods report
+.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods report \
+	tune tune-best dashboard
 
 install: $(STAMP)
 
@@ -68,6 +74,25 @@ gpu-check: $(STAMP)
 # reports/results.md, results.csv and figures from every finished benchmark in MLflow.
 report: $(STAMP)
 	$(PY) -m benchmark report --baseline $(BASELINE)
+
+# Optuna study of METHOD (experiments/tune/<method>.yaml): TRIALS is the number of finished
+# trials the study should hold, so re-running with a larger TRIALS adds only the missing ones.
+tune: $(STAMP)
+	$(PY) -m benchmark tune --method $(METHOD) --profile $(PROFILE) --trials $(TRIALS) \
+		--workers $(WORKERS) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE)) \
+		$(foreach f,$(CONFIG),--config $(f)) $(ARGS)
+
+# make -s tune-best STUDY=concl-demo > best.yaml; then make benchmark CONFIG=best.yaml
+tune-best: $(STAMP)
+	@test -n "$(STUDY)" || { echo "error: set STUDY=name, e.g. STUDY=concl-demo" >&2; exit 2; }
+	@$(PY) -m benchmark tune --best $(STUDY) $(if $(STORAGE),--storage $(STORAGE))
+
+# optuna-dashboard on 127.0.0.1:$(DASHBOARD_PORT) over the studies' storage.
+dashboard: $(STAMP)
+	@test -e "$(or $(STORAGE),mlruns/optuna.db)" || case "$(STORAGE)" in *://*) ;; *) \
+		echo "error: no Optuna storage $(or $(STORAGE),mlruns/optuna.db) yet; run make tune first" >&2; exit 2;; esac
+	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),sqlite:///mlruns/optuna.db) --host 127.0.0.1 \
+		--port $(DASHBOARD_PORT)
 
 # The MLflow UI on 127.0.0.1:$(PORT) over the project's store; Ctrl-C stops it.
 ui: $(STAMP)

@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
 
+    from benchmark.tune import add_tune_parser
+
+    add_tune_parser(sub)
+
     ui = sub.add_parser(
         "ui",
         help="serve the MLflow UI for the project's runs on 127.0.0.1",
@@ -367,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ui(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "tune":
+            from benchmark.tune import tune_command
+
+            return tune_command(args)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print(

@@ -32,8 +32,13 @@ def init_world(device_preference: str = "auto") -> World:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     else:
-        # Processes on one machine share its cores; oversubscription slows everyone.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # Processes on one machine share its cores; oversubscription slows everyone. A user's
+        # OMP_NUM_THREADS wins outside torchrun (which sets it to 1 for its own reasons).
+        share = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        asked = os.environ.get("OMP_NUM_THREADS", "")
+        if asked.isdigit() and int(asked) > 0 and "LOCAL_RANK" not in os.environ:
+            share = int(asked)
+        torch.set_num_threads(share)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=60))
