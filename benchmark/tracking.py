@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LENGTH = 6000
@@ -29,6 +30,15 @@ def tracking_uri(configured: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def artifact_root_for(uri: str, configured: str | None) -> str | None:
+    """Where new experiments keep artifacts: the configured folder, except that the default
+    follows a sqlite store elsewhere (``sqlite:///x/mlflow.db`` → ``x/artifacts``), so a
+    store pointed away from ``mlruns/`` (tests, a copy) never writes into it."""
+    if configured == DEFAULT_ARTIFACT_ROOT and uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "artifacts")
+    return configured
 
 
 def git_commit() -> str:
@@ -65,6 +75,7 @@ class Tracker:
 
     def __init__(self, experiment: str, uri: str | None = None, artifact_root: str | None = None):
         self.uri = tracking_uri(uri)
+        artifact_root = artifact_root_for(self.uri, artifact_root)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:

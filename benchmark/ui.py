@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from benchmark.tracking import tracking_uri
+from benchmark.tracking import DEFAULT_ARTIFACT_ROOT, artifact_root_for, tracking_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -20,10 +20,11 @@ def server_command(
     port: int = DEFAULT_PORT,
     host: str = DEFAULT_HOST,
     uri: str | None = None,
-    artifact_root: str = "mlruns/artifacts",
+    artifact_root: str = DEFAULT_ARTIFACT_ROOT,
 ) -> list[str]:
     """``mlflow server`` over the project's store (``MLFLOW_TRACKING_URI`` wins)."""
     store = tracking_uri(uri)
+    artifact_root = artifact_root_for(store, artifact_root) or DEFAULT_ARTIFACT_ROOT
     if "://" not in artifact_root:
         Path(artifact_root).mkdir(parents=True, exist_ok=True)
     return [

@@ -71,3 +71,19 @@ def test_metrics_params_and_status(tracker: Tracker, tmp_path: Path):
     f.write_text("hello")
     tracker.log_artifact(child, f)
     assert [a.path for a in tracker.client.list_artifacts(child)] == ["note.txt"]
+
+
+def test_default_artifacts_follow_a_sqlite_store_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from benchmark.tracking import DEFAULT_ARTIFACT_ROOT, artifact_root_for
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert artifact_root_for(uri, DEFAULT_ARTIFACT_ROOT) == str(tmp_path / "store" / "artifacts")
+    assert artifact_root_for(uri, "/elsewhere") == "/elsewhere"  # configured on purpose
+    assert artifact_root_for("http://127.0.0.1:5000", DEFAULT_ARTIFACT_ROOT) == "mlruns/artifacts"
+    tracker = Tracker("concl-bench", uri, DEFAULT_ARTIFACT_ROOT)
+    location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+    assert location == (tmp_path / "store" / "artifacts").as_uri()
