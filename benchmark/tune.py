@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmark.config import ConfigError, experiments_dir, resolve_profile
+from benchmark.config import ConfigError, experiments_dir, flatten, resolve_profile
 
 if TYPE_CHECKING:  # optuna, torch and mlflow are imported where used: the CLI stays fast
     import optuna
@@ -238,17 +238,6 @@ def _check_fields(tree: Any, section: str, source: str) -> dict[str, Any]:
     return tree
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _layer(merged: dict[str, Any], layer: dict[str, Any], source: str) -> None:
     """Merge one tune file into ``merged``: study sections field by field, ``fixed`` key by
     key, a ``space`` entry field by field (replaced when it names a ``type``; removed by
@@ -265,7 +254,7 @@ def _layer(merged: dict[str, Any], layer: dict[str, Any], source: str) -> None:
     fixed = layer.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{source}: 'fixed' must be a mapping of config keys to values")
-    merged["fixed"].update(_flatten(fixed))
+    merged["fixed"].update(flatten(fixed))
     space = layer.get("space") or {}
     if not isinstance(space, dict):
         raise ConfigError(f"{source}: 'space' must be a mapping of config keys to ranges")

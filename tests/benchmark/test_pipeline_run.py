@@ -10,31 +10,9 @@ from benchmark.config import config_hash as cfg_hash
 from benchmark.config import load_config
 from benchmark.pipeline import run_benchmark
 from methods.base import World
+from tests.benchmark._tiny import TINY_FINETUNE
 
-TINY_TRANSFER = (
-    "finetune.seeds=2",
-    "finetune.datasets=[glas]",
-    "finetune.batch_size=2",
-    "finetune.warmup_iters=2",
-    "finetune.precise_bn_iters=2",
-    "finetune.num_workers=0",
-    "finetune.log_every=2",
-    "finetune.checkpoint_every=2",
-    "finetune.rpn_pre_nms_top_n_train=100",
-    "finetune.rpn_post_nms_top_n_train=50",
-    "finetune.rpn_pre_nms_top_n_test=100",
-    "finetune.rpn_post_nms_top_n_test=50",
-    "finetune.box_batch_size_per_image=32",
-    "finetune.glas.synthetic_train=4",
-    "finetune.glas.synthetic_test=2",
-    "finetune.glas.synthetic_height=96",
-    "finetune.glas.synthetic_width=128",
-    "finetune.glas.iterations=4",
-    "finetune.glas.steps=[3]",
-    "finetune.glas.min_size_train=[80,96]",
-    "finetune.glas.min_size_test=96",
-    "finetune.glas.max_size=128",
-)
+TINY_TRANSFER = ("finetune.seeds=2", "finetune.datasets=[glas]", *TINY_FINETUNE)
 
 
 def tiny(tmp_path: Path, method: str, *extra: str):

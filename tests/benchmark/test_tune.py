@@ -27,6 +27,7 @@ from benchmark.tune import (
     resolve_storage,
     run_study,
 )
+from tests.benchmark._tiny import TINY_FINETUNE
 
 WEIGHT = "method.concept_weight"
 
@@ -327,30 +328,6 @@ def test_storage_resolution(capsys):
     )
 
 
-TINY_TRANSFER = (
-    "finetune.batch_size=2",
-    "finetune.warmup_iters=2",
-    "finetune.precise_bn_iters=2",
-    "finetune.num_workers=0",
-    "finetune.log_every=2",
-    "finetune.checkpoint_every=2",
-    "finetune.rpn_pre_nms_top_n_train=100",
-    "finetune.rpn_post_nms_top_n_train=50",
-    "finetune.rpn_pre_nms_top_n_test=100",
-    "finetune.rpn_post_nms_top_n_test=50",
-    "finetune.box_batch_size_per_image=32",
-    "finetune.glas.synthetic_train=4",
-    "finetune.glas.synthetic_test=2",
-    "finetune.glas.synthetic_height=96",
-    "finetune.glas.synthetic_width=128",
-    "finetune.glas.iterations=4",
-    "finetune.glas.steps=[3]",
-    "finetune.glas.min_size_train=[80,96]",
-    "finetune.glas.min_size_test=96",
-    "finetune.glas.max_size=128",
-)
-
-
 @pytest.fixture
 def _keep_torch_threads():
     """The benchmark evaluator sets torch's thread count for its process: restore it."""
@@ -370,7 +347,7 @@ def test_a_real_tiny_concl_trial_nests_its_benchmark_under_the_trial_run(
         f"finetune.glas.raw_root={tmp_path / 'raw'}",
         f"finetune.glas.root={tmp_path / 'coco'}",
         "method.concept_queue_size=64",
-        *TINY_TRANSFER,
+        *TINY_FINETUNE,
     )
     study = run_study("concl", "demo", trials=1, storage=storage, overrides=overrides)
     (trial,) = study.trials
