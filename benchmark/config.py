@@ -33,6 +33,8 @@ from methods.base import MethodConfig
 PROFILES = ("paper", "demo")
 #: Real pre-training data whose presence makes ``PROFILE=auto`` pick ``paper``.
 REAL_PRETRAIN_ROOT = Path("datasets/NCT-CRC-HE-100K")
+#: The fine-tuning datasets and how tables and figures spell them.
+DATASET_TITLES = {"glas": "GlaS", "crag": "CRAG"}
 
 
 class ConfigError(ValueError):

@@ -17,13 +17,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from benchmark import checkpoint as ckpt
-from benchmark.config import config_hash, flatten, pretrain_hash, to_container
+from benchmark.config import DATASET_TITLES, config_hash, flatten, pretrain_hash, to_container
 from benchmark.engine import run_pretrain
 from benchmark.progress import main_printer
 from benchmark.registry import get_method
 from methods.base import World
-
-DATASET_TITLES = {"glas": "GlaS", "crag": "CRAG"}
 
 
 def finetune_hash(cfg: DictConfig) -> str:

@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from benchmark import tracking
-from benchmark.config import ConfigError, experiments_dir
+from benchmark.config import DATASET_TITLES, ConfigError, experiments_dir
 from benchmark.tracking import PARENT_RUN_ID_TAG, Tracker
 
-DATASETS = {"glas": "GlaS", "crag": "CRAG"}
+DATASETS = DATASET_TITLES
 METRICS = {"bbox_AP": "AP_bb", "segm_AP": "AP_mk"}
 #: Section order of ``results.md``; other profiles follow alphabetically.
 PROFILES = ("paper", "demo")

@@ -41,7 +41,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmark.config import ConfigError, experiments_dir, flatten, resolve_profile
+from benchmark.config import (
+    DATASET_TITLES,
+    ConfigError,
+    experiments_dir,
+    flatten,
+    resolve_profile,
+)
 
 if TYPE_CHECKING:  # optuna, torch and mlflow are imported where used: the CLI stays fast
     import optuna
@@ -52,7 +58,6 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 DEFAULT_JOURNAL = "mlruns/optuna.journal"
 #: Study user attribute holding what a resumed study must match (space, budget, objective).
 STUDY_ATTR = "concl_bench_tune"
-DATASET_TITLES = {"glas": "GlaS", "crag": "CRAG"}
 DESCRIPTION_TAG = "mlflow.note.content"
 #: How the parent starts a worker (``-c`` rather than ``-m``: one copy of this module).
 _WORKER_ENTRY = "import sys; from benchmark.tune import worker_main; sys.exit(worker_main())"
