@@ -66,10 +66,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) -m benchmark.bench --out reports/bench.json
+	$(PY) -m benchmark.devtools.bench --out reports/bench.json
 
 gpu-check: $(STAMP)
-	$(PY) -m benchmark.gpu_check
+	$(PY) -m benchmark.devtools.gpu_check
 
 # reports/results.md, results.csv and figures from every finished benchmark in MLflow.
 report: $(STAMP)

@@ -10,39 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmark import __version__
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can cause and fix: printed as one line instead of a traceback."""
-    from benchmark.checkpoint import CheckpointError
-    from benchmark.config import ConfigError
-    from benchmark.data.pretrain import DatasetError
-    from benchmark.engine import TrainingDiverged
-    from benchmark.registry import UnknownMethodError
-    from benchmark.transfer.model import WeightsError
-
-    return (
-        ConfigError,
-        UnknownMethodError,
-        DatasetError,
-        TrainingDiverged,
-        CheckpointError,
-        WeightsError,
-    )
-
-
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line.
-
-    An error raised in a DataLoader worker comes back wrapped in the worker's traceback;
-    its own message is the last line, after ``module.ErrorName: ``.
-    """
-    text = str(exc).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1]
-    name = type(exc).__name__
-    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+from benchmark.core.errors import UserError, one_line
 
 
 def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -> None:
@@ -262,12 +230,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ConfigError(f"GPUS={args.gpus} but only {visible} CUDA devices are visible")
         return _torchrun(args.gpus, _strip_gpus(argv))
 
-    from benchmark.distributed import init_world, shutdown
+    from benchmark.training.distributed import init_world, shutdown
 
     world = init_world(cfg.pretrain.device)
     try:
         if args.command == "pretrain":
-            from benchmark.engine import run_pretrain
+            from benchmark.pretrain import run_pretrain
 
             run_pretrain(cfg, world)
         else:
@@ -293,7 +261,7 @@ def _export(args: argparse.Namespace) -> int:
 def _data_prepare_or_check(args: argparse.Namespace) -> int:
     from benchmark.config import load_config
     from benchmark.data.coco import check_dataset
-    from benchmark.distributed import init_world
+    from benchmark.training.distributed import init_world
     from benchmark.transfer.finetune import prepare_dataset_for
 
     if args.data_command == "check" and args.dataset not in ("glas", "crag"):
@@ -312,7 +280,7 @@ def _data_prepare_or_check(args: argparse.Namespace) -> int:
 
 
 def _methods() -> int:
-    from benchmark.registry import get_method, registered_methods
+    from benchmark.core.registry import get_method, registered_methods
 
     for name in registered_methods():
         doc = (get_method(name).__doc__ or "").strip().splitlines()
@@ -383,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 130
-    except _user_errors() as exc:
+    except UserError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

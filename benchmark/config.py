@@ -26,18 +26,16 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from benchmark.optim import OPTIMIZERS
-from benchmark.registry import get_method
-from methods.base import MethodConfig
+from benchmark.core.contracts import MethodConfig
+from benchmark.core.errors import UserError
+from benchmark.core.registry import get_method
+from benchmark.core.schema import DATASETS, OPTIMIZERS, PROFILES
 
-PROFILES = ("paper", "demo")
 #: Real pre-training data whose presence makes ``PROFILE=auto`` pick ``paper``.
 REAL_PRETRAIN_ROOT = Path("datasets/NCT-CRC-HE-100K")
-#: The fine-tuning datasets and how tables and figures spell them.
-DATASET_TITLES = {"glas": "GlaS", "crag": "CRAG"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema; the message is one line."""
 
 
@@ -61,7 +59,7 @@ class DataConfig:
 class OptimConfig:
     """SGD or LARS and the per-epoch LR schedule of the original (mmcv ``by_epoch=True``)."""
 
-    #: ``sgd`` (MoCo family) or ``lars`` (SimCLR, BYOL; see ``benchmark/optim.py``).
+    #: ``sgd`` (MoCo family) or ``lars`` (SimCLR, BYOL; see ``benchmark/training/optim.py``).
     name: str = "sgd"
     #: LR at ``reference_batch`` images; scaled linearly to the actual global batch.
     lr: float = 0.03
@@ -335,11 +333,11 @@ def validate(cfg: DictConfig) -> None:
         (cfg.finetune.seeds >= 1, "finetune.seeds must be >= 1"),
         (cfg.finetune.batch_size >= 1, "finetune.batch_size must be >= 1"),
         (
-            all(d in ("glas", "crag") for d in cfg.finetune.datasets),
+            all(d in DATASETS for d in cfg.finetune.datasets),
             f"finetune.datasets must name glas and/or crag, got {list(cfg.finetune.datasets)}",
         ),
     ]
-    for name in ("glas", "crag"):
+    for name in DATASETS:
         d = cfg.finetune[name]
         prefix = f"finetune.{name}"
         checks += [

@@ -16,12 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from benchmark import checkpoint as ckpt
-from benchmark.config import DATASET_TITLES, config_hash, flatten, pretrain_hash, to_container
-from benchmark.engine import run_pretrain
-from benchmark.progress import main_printer
-from benchmark.registry import get_method
-from methods.base import World
+from benchmark.config import config_hash, flatten, pretrain_hash, to_container
+from benchmark.core.contracts import World
+from benchmark.core.registry import get_method
+from benchmark.core.schema import DATASET_TITLES
+from benchmark.pretrain import run_pretrain
+from benchmark.training import checkpoints as ckpt
+from benchmark.training.progress import main_printer
 
 
 def finetune_hash(cfg: DictConfig) -> str:

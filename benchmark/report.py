@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from benchmark import tracking
-from benchmark.config import DATASET_TITLES, ConfigError, experiments_dir
+from benchmark.config import ConfigError, experiments_dir
+from benchmark.core.schema import DATASET_TITLES
 from benchmark.tracking import PARENT_RUN_ID_TAG, Tracker
 
 DATASETS = DATASET_TITLES

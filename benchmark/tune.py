@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmark.config import (
-    DATASET_TITLES,
     ConfigError,
     experiments_dir,
     flatten,
     resolve_profile,
 )
+from benchmark.core.schema import DATASET_TITLES
 
 if TYPE_CHECKING:  # optuna, torch and mlflow are imported where used: the CLI stays fast
     import optuna
@@ -701,7 +701,7 @@ class BenchmarkEvaluator:
         if self._world is None:
             import torch
 
-            from benchmark.distributed import init_world
+            from benchmark.training.distributed import init_world
 
             self._world = init_world(cfg.pretrain.device)
             if self._world.device.type == "cpu":

@@ -1,5 +1,8 @@
 """The plugin contract: what a pre-training method owns, and what the engine owns.
 
+``World``, ``MethodConfig`` and the build/step contexts live in the torch-free
+``benchmark.core.contracts`` and are re-exported here for plugin authors.
+
 The engine owns the process group, DDP, optimizer, LR schedule, AMP, channels_last,
 checkpoints, tracking and progress. A method owns its networks, its views and its loss.
 """
@@ -7,80 +10,13 @@ checkpoints, tracking and progress. A method owns its networks, its views and it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from omegaconf import MISSING
 from torch import Tensor, nn
 
+from benchmark.core.contracts import BuildContext, MethodConfig, StepContext, World
 
-@dataclass
-class MethodConfig:
-    """Base of every method's typed hyperparameters; subclasses hold the paper defaults."""
-
-    name: str = MISSING
-
-    def problems(self) -> list[str]:
-        """Values the types allow but the method cannot use, as ``key must ...`` lines."""
-        return []
-
-
-@dataclass(frozen=True)
-class World:
-    """Where this process sits in the job (torchrun's view, or one process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    """What a method needs to know about the run to build itself.
-
-    ``bn_batch_size`` is the per-GPU batch of the original 8-GPU layout (32): BatchNorm
-    statistics are computed over groups of that many images whatever the actual layout,
-    so one process with batch 256 normalises like eight GPUs with 32 each.
-    """
-
-    world: World
-    image_size: int
-    local_batch_size: int
-    bn_batch_size: int
-
-    @property
-    def bn_splits(self) -> int:
-        if self.local_batch_size % self.bn_batch_size:
-            raise ValueError(
-                f"per-process batch {self.local_batch_size} is not a multiple of "
-                f"pretrain.bn_batch_size={self.bn_batch_size}: change pretrain.batch_size, "
-                "the number of GPUs or pretrain.bn_batch_size"
-            )
-        return self.local_batch_size // self.bn_batch_size
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """Position in training, passed to every step and hook (0-based)."""
-
-    epoch: int
-    step: int
-    epochs: int
-    steps_per_epoch: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+__all__ = ["BuildContext", "Method", "MethodConfig", "StepContext", "World"]
 
 
 class Method(nn.Module):

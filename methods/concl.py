@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.registry import register_method
+from benchmark.core.contracts import BuildContext, StepContext
+from benchmark.core.registry import register_method
 from methods.backbones import STAGES
-from methods.base import BuildContext, StepContext
 from methods.concepts import cosine_kmeans, match_concepts, paired_prototypes, sample_or_pad
 from methods.distributed import concat_all_gather
 from methods.losses import info_nce

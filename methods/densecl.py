@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.registry import register_method
-from methods.base import BuildContext, StepContext
+from benchmark.core.contracts import BuildContext, StepContext
+from benchmark.core.registry import register_method
 from methods.distributed import concat_all_gather
 from methods.heads import DenseHead
 from methods.losses import info_nce

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from benchmark.registry import register_method
+from benchmark.core.registry import register_method
 from methods.augment import MultiView, moco_v1_view
 from methods.heads import LinearHead
 from methods.mocov2 import MoCoConfig, MoCoV2

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.registry import register_method
+from benchmark.core.contracts import BuildContext, StepContext
+from benchmark.core.registry import register_method
 from methods.augment import MultiView, moco_v2_view
 from methods.backbones import build_trunk
-from methods.base import BuildContext, Method, MethodConfig, StepContext
+from methods.base import Method, MethodConfig
 from methods.distributed import concat_all_gather
 from methods.heads import MLPHead
 from methods.losses import info_nce

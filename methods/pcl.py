@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import transforms
 
-from benchmark.registry import register_method
+from benchmark.core.contracts import BuildContext, StepContext
+from benchmark.core.registry import register_method
 from methods.augment import normalize
-from methods.base import BuildContext, StepContext
 from methods.clustering import concentration, kmeans
 from methods.distributed import is_distributed, rank
 from methods.mocov2 import MoCoV2, MoCoV2Config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmark.registry import register_method
+from benchmark.core.registry import register_method
 from methods.base import Method, MethodConfig
 
 

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.optim import exclude_norm_and_bias
-from benchmark.registry import register_method
+from benchmark.core.contracts import BuildContext, StepContext
+from benchmark.core.registry import register_method
+from benchmark.training.optim import exclude_norm_and_bias
 from methods.augment import MultiView, simclr_view
 from methods.backbones import build_trunk
-from methods.base import BuildContext, Method, MethodConfig, StepContext
+from methods.base import Method, MethodConfig
 from methods.distributed import all_gather_with_grad, rank
 
 

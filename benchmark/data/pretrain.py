@@ -17,12 +17,14 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from benchmark.core.errors import UserError
+
 __all__ = ["IMAGE_EXTENSIONS", "DatasetError", "PretrainImageDataset"]
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data root or list file that cannot be used; the message says what to do."""
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from benchmark.checkpoint import atomic_write
+from benchmark.training.checkpoints import atomic_write
 from benchmark.transfer.model import WeightsError, read_backbone_state_dict
 
 #: torchvision ResNet keys, the only ones converted (``fc.*`` is matched to be dropped).

@@ -22,12 +22,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from benchmark import checkpoint as ckpt
+from benchmark.core.contracts import World
 from benchmark.data.seeding import mix_seed
-from benchmark.distributed import barrier, seed_everything
-from benchmark.engine import TrainingDiverged
-from benchmark.progress import main_printer
-from methods.base import World
+from benchmark.pretrain import TrainingDiverged
+from benchmark.training import checkpoints as ckpt
+from benchmark.training.distributed import barrier, seed_everything
+from benchmark.training.progress import main_printer
 
 FINETUNE_STREAM = 3
 METRICS_FILE = "metrics.json"

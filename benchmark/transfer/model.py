@@ -32,6 +32,8 @@ from torchvision.models.detection.transform import (
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from benchmark.core.errors import UserError
+
 #: ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` of ConCL's ``_moco.yaml`` (RGB, 0-255), scaled to 0-1 input.
 PIXEL_MEAN = tuple(v / 255.0 for v in (123.675, 116.280, 103.530))
 PIXEL_STD = tuple(v / 255.0 for v in (58.395, 57.120, 57.375))
@@ -49,7 +51,7 @@ _EXPECTED = (
 )
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Backbone weights that do not fit the detector; the message is one line."""
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from benchmark.config import load_config
-from benchmark.distributed import init_world, shutdown
-from benchmark.engine import run_pretrain
+from benchmark.pretrain import run_pretrain
+from benchmark.training.distributed import init_world, shutdown
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from benchmark.config import config_hash as cfg_hash
 from benchmark.config import load_config
+from benchmark.core.contracts import World
 from benchmark.pipeline import run_benchmark
-from methods.base import World
 from tests.benchmark._tiny import TINY_FINETUNE
 
 TINY_TRANSFER = ("finetune.seeds=2", "finetune.datasets=[glas]", *TINY_FINETUNE)

@@ -15,10 +15,10 @@ from torch import nn
 from torchvision import transforms
 
 from benchmark.config import ConfigError, load_config
-from benchmark.registry import get_method
-from benchmark.schedules import scaled_lr
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
+from benchmark.training.schedules import scaled_lr
 from methods.augment import PILGaussianBlur, byol_views, normalize
-from methods.base import BuildContext, StepContext, World
 from methods.byol import BYOL, BYOLConfig, LocalBatchNorm1d, byol_loss, target_momentum
 
 BATCH, SIZE = 8, 32

@@ -12,8 +12,8 @@ from torch import nn
 
 import methods.concl as concl_module
 from benchmark.config import ConfigError, load_config
-from benchmark.registry import get_method
-from methods.base import BuildContext, StepContext, World
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
 from methods.concepts import match_concepts
 from methods.concl import ConCL, ConCLConfig
 from methods.mocov2 import MoCoV2, MoCoV2Config

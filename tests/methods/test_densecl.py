@@ -10,9 +10,9 @@ import torchvision
 
 import methods.densecl as densecl_module
 from benchmark.config import load_config
-from benchmark.registry import get_method
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
 from methods.augment import moco_v2_view
-from methods.base import BuildContext, StepContext, World
 from methods.densecl import DenseCL, DenseCLConfig, dense_info_nce, match_cells
 from methods.heads import DenseHead, MLPHead
 from methods.mocov2 import MoCoV2

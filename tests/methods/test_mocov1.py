@@ -10,10 +10,10 @@ from torchvision import transforms
 
 import methods.mocov2 as mocov2_module
 from benchmark.config import load_config
-from benchmark.registry import get_method
-from benchmark.schedules import learning_rate
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
+from benchmark.training.schedules import learning_rate
 from methods.augment import MultiView
-from methods.base import BuildContext, StepContext, World
 from methods.heads import LinearHead
 from methods.losses import info_nce
 from methods.mocov1 import MoCoV1, MoCoV1Config

@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 import methods.mocov2 as mocov2_module
-from benchmark.registry import get_method
-from methods.base import BuildContext, StepContext, World
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
 from methods.losses import info_nce
 from methods.mocov2 import MoCoV2, MoCoV2Config
 from methods.shuffle_bn import SplitBatchNorm2d

@@ -17,8 +17,8 @@ from torch import nn
 
 import methods.pcl as pcl_module
 from benchmark.config import ConfigError, load_config
-from benchmark.registry import get_method
-from methods.base import BuildContext, StepContext, World
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
 from methods.clustering import concentration, kmeans
 from methods.pcl import PCL, PCLConfig, proto_nce, sample_negative_prototypes
 

@@ -17,10 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from benchmark.config import load_config
-from benchmark.optim import LARS, build_optimizer
-from benchmark.registry import get_method
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import get_method
+from benchmark.training.optim import LARS, build_optimizer
 from methods.augment import PILGaussianBlur, normalize, simclr_view
-from methods.base import BuildContext, StepContext, World
 from methods.distributed import all_gather_with_grad
 from methods.simclr import SimCLR, SimCLRConfig, SimCLRProjector, nt_xent
 

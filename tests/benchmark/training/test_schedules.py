@@ -5,7 +5,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from benchmark.schedules import epoch_lr, learning_rate, scaled_lr, warmup_factor
+from benchmark.training.schedules import epoch_lr, learning_rate, scaled_lr, warmup_factor
 
 
 def test_linear_scaling():

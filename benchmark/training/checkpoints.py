@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from benchmark.core.errors import UserError
+
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says what to do."""
 
 

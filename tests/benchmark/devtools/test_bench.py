@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.bench import STEP_COST_TARGETS, main
+from benchmark.devtools.bench import STEP_COST_TARGETS, main
 
 
 def test_bench_reports_overhead_and_step_cost_relative_to_mocov2(tmp_path: Path) -> None:

@@ -27,11 +27,11 @@ import torch
 from PIL import Image
 
 from benchmark.config import load_config
-from benchmark.engine import Pretrainer, build_method
-from benchmark.optim import build_optimizer
-from benchmark.progress import Progress
-from benchmark.registry import get_method, registered_methods
-from methods.base import StepContext, World
+from benchmark.core.contracts import StepContext, World
+from benchmark.core.registry import get_method, registered_methods
+from benchmark.pretrain import Pretrainer, build_method
+from benchmark.training.optim import build_optimizer
+from benchmark.training.progress import Progress
 
 #: The fixed setting: 64 px views, global batch 32, BN over 16, one process on the CPU.
 SETTING = (

@@ -13,10 +13,10 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from benchmark.checkpoint import CheckpointError
 from benchmark.config import load_config
-from benchmark.engine import TrainingDiverged, run_pretrain
-from methods.base import World
+from benchmark.core.contracts import World
+from benchmark.pretrain import TrainingDiverged, run_pretrain
+from benchmark.training.checkpoints import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 #: Methods with a momentum encoder and a key queue (``method.queue_size``).
@@ -162,7 +162,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path: Path):
 
 
 def _pretraining_methods() -> list[str]:
-    from benchmark.registry import get_method, registered_methods
+    from benchmark.core.registry import get_method, registered_methods
 
     return [m for m in registered_methods() if get_method(m).pretrains]
 

@@ -11,12 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.config import load_config
-from benchmark.engine import run_pretrain
-from benchmark.optim import LARS
-from benchmark.registry import _METHODS, register_method
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.registry import _METHODS, register_method
+from benchmark.pretrain import run_pretrain
+from benchmark.training.optim import LARS
 from methods.augment import MultiView, normalize
 from methods.backbones import build_trunk
-from methods.base import BuildContext, Method, MethodConfig, StepContext, World
+from methods.base import Method, MethodConfig
 
 
 @dataclass
@@ -88,7 +89,7 @@ def test_indices_reach_the_step_and_the_dataset_pass_sees_every_sample_once(
 
 
 def test_lars_is_built_with_the_method_param_groups(probe, tiny_overrides, tmp_path: Path):
-    from benchmark.engine import Pretrainer, build_method
+    from benchmark.pretrain import Pretrainer, build_method
 
     cfg = load_config(
         "probe",

@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from benchmark import checkpoint as ckpt
 from benchmark.config import check_layout, flatten, pretrain_hash, to_container, to_yaml
+from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.errors import UserError
+from benchmark.core.registry import get_method
 from benchmark.data.seeding import (
     MODEL_STREAM,
     EpochTaggedSampler,
@@ -32,18 +34,18 @@ from benchmark.data.seeding import (
     SeededSamples,
     mix_seed,
 )
-from benchmark.distributed import barrier, seed_everything
-from benchmark.optim import build_optimizer
-from benchmark.progress import Progress, main_printer
-from benchmark.registry import get_method
-from benchmark.schedules import learning_rate, scaled_lr
-from methods.base import BuildContext, Method, StepContext, World
+from benchmark.training import checkpoints as ckpt
+from benchmark.training.distributed import barrier, seed_everything
+from benchmark.training.optim import build_optimizer
+from benchmark.training.progress import Progress, main_printer
+from benchmark.training.schedules import learning_rate, scaled_lr
+from methods.base import Method
 
 BACKBONE_FILE = "backbone.pth"
 DONE_FILE = "done.json"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from methods.base import World
+from benchmark.core.contracts import World
 
 
 def main_printer(world: World):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from methods.base import World
+from benchmark.core.contracts import World
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -4,8 +4,13 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from benchmark import registry
-from benchmark.registry import UnknownMethodError, get_method, register_method, registered_methods
+from benchmark.core import registry
+from benchmark.core.registry import (
+    UnknownMethodError,
+    get_method,
+    register_method,
+    registered_methods,
+)
 from methods.base import Method
 
 

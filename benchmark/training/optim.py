@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-OPTIMIZERS = ("sgd", "lars")
+from benchmark.core.schema import OPTIMIZERS
 
 
 class LARS(torch.optim.Optimizer):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmark.bench import METHOD_SETTING, prime, view_batches
 from benchmark.config import load_config
-from benchmark.engine import Pretrainer, build_loader, build_method, run_pretrain
-from benchmark.registry import get_method, registered_methods
-from methods.base import World
+from benchmark.core.contracts import World
+from benchmark.core.registry import get_method, registered_methods
+from benchmark.devtools.bench import METHOD_SETTING, prime, view_batches
+from benchmark.pretrain import Pretrainer, build_loader, build_method, run_pretrain
 
 
 def _say(msg: str) -> None:

@@ -1,0 +1,1 @@
+"""Developer tools, apart from the runtime stages: ``make bench`` and ``make gpu-check``."""
