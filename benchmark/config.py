@@ -4,8 +4,9 @@ Layering, later wins (every layer is validated against the schema on its own, so
 names the file or the override that caused it):
 
 1. the schema defaults below and the method's ``config_class`` (paper values);
-2. ``experiments/paper/<method>.yaml``: the method's paper config (concl_spec §1–3), the base
-   of every profile;
+2. ``experiments/paper/<method>.yaml``: the method's paper config (the values of
+   ``configs/NCT_pretraining/<method>/`` in ``TencentAILabHealthcare/ConCL``), the base of
+   every profile;
 3. ``experiments/<profile>.yaml``: the profile (``paper`` or ``demo``);
 4. ``experiments/<profile>/<method>.yaml``: the profile's overrides for that method, if any
    (for ``paper`` this is layer 2 itself);
@@ -105,7 +106,13 @@ class TrackingConfig:
 
 @dataclass
 class DetectionDataConfig:
-    """One transfer dataset and its detectron2 schedule (concl_spec §4.2)."""
+    """One transfer dataset and its detectron2 schedule.
+
+    The values are those of ``TencentAILabHealthcare/ConCL``
+    ``benchmarks/detection/configs/{GlaS,CRAG}/*_R_18_FPN_1x.yaml`` (on its
+    ``configs/Base-RCNN-FPN.yaml``) and, for keys they leave unset,
+    ``facebookresearch/detectron2 detectron2/config/defaults.py``.
+    """
 
     #: The release as downloaded (GlaS/CRAG layout) or an already-converted COCO folder.
     raw_root: str = MISSING

@@ -1,4 +1,5 @@
-"""Weight exchange with detectron2, as ConCL's ``convert-pretrain-to-detectron2.py`` (spec §4.5).
+"""Weight exchange with detectron2, as ``TencentAILabHealthcare/ConCL``
+``benchmarks/detection/convert-pretrain-to-detectron2.py``.
 
 ``export_detectron2`` turns ``backbone.pth`` into the ``.pkl`` that ConCL's ``run.sh`` passes as
 ``MODEL.WEIGHTS``; ``import_detectron2`` reads such a ``.pkl`` (ours, ConCL's, or the ``_pcl``
