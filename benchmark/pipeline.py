@@ -12,7 +12,6 @@ import hashlib
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -21,6 +20,7 @@ from benchmark.core.contracts import World
 from benchmark.core.registry import get_method
 from benchmark.core.schema import DATASET_TITLES
 from benchmark.pretrain import run_pretrain
+from benchmark.report.table import results_table
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.progress import main_printer
 
@@ -60,31 +60,6 @@ def aggregate(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, float]:
             out[f"{name}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             out[f"{name}_seeds"] = float(len(values))
     return out
-
-
-def results_table(label: str, epochs: Any, summary: dict[str, float]) -> str:
-    """A markdown row in the paper's layout: AP_bb and AP_mk as mean ± std over seeds
-    (``–`` for the spread of one seed, which has none)."""
-    header = ["method", "epochs"]
-    row = [label, str(epochs)]
-    counts = []
-    for name, title in DATASET_TITLES.items():
-        n = int(summary.get(f"{name}_seeds", 0))
-        for metric, short in (("bbox_AP", "AP_bb"), ("segm_AP", "AP_mk")):
-            key = f"{name}_{metric}_mean"
-            if key in summary:
-                header.append(f"{title} {short}")
-                spread = f"{summary[f'{name}_{metric}_std']:.1f}" if n > 1 else "–"
-                row.append(f"{summary[key]:.1f} ± {spread}")
-        if n:
-            counts.append(f"{n} {title} seed{'s' if n != 1 else ''}")
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        "| " + " | ".join(row) + " |",
-        f"(COCO AP, mean ± sample std over {', '.join(counts)})",
-    ]
-    return "\n".join(lines)
 
 
 #: Called after each finished seed with (dataset, seed, metrics); ``False`` stops the benchmark.

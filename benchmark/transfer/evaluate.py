@@ -15,8 +15,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from benchmark.core.schema import COCO_METRICS
+
 #: The metric names logged per run, in table order.
-METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75")
+METRICS = COCO_METRICS
 
 
 def to_coco_results(

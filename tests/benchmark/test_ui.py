@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.tracking import DESCRIPTION_TAG, PARENT_RUN_ID_TAG, Tracker, parent_run_name
+from benchmark.core.schema import DESCRIPTION_TAG, PARENT_RUN_ID_TAG
+from benchmark.tracking import Tracker, parent_run_name
 from benchmark.ui import port_in_use, server_command
 
 

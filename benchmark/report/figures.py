@@ -18,9 +18,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from benchmark.report import DATASETS, KEYS, METHOD_ORDER, METRICS
+from benchmark.core.schema import DATASET_TITLES, DATASETS, TABLE_METRICS
+from benchmark.report.runs import KEYS, METHOD_ORDER
 
-METRIC_NAMES = {"bbox_AP": "box AP (AP_bb)", "segm_AP": "mask AP (AP_mk)"}
+#: Panel titles of the table's metrics.
+METRIC_NAMES = {
+    "bbox_AP": f"box AP ({TABLE_METRICS['bbox_AP']})",
+    "segm_AP": f"mask AP ({TABLE_METRICS['segm_AP']})",
+}
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 DPI = 120
@@ -99,9 +104,9 @@ def ap_vs_epochs(summary: pd.DataFrame, profile: str, path: Path) -> Path:
     labels = list(dict.fromkeys(trained["label"]))
     width = 0.5 / max(len(labels), 1)
     fig = Figure(figsize=(11, 3.4 * len(datasets) + 0.8), layout="constrained")
-    axes = fig.subplots(len(datasets), len(METRICS), squeeze=False, sharex=True)
+    axes = fig.subplots(len(datasets), len(TABLE_METRICS), squeeze=False, sharex=True)
     for r, ds in enumerate(datasets):
-        for c, m in enumerate(METRICS):
+        for c, m in enumerate(TABLE_METRICS):
             ax = axes[r, c]
             for i, label in enumerate(labels):
                 rows = trained[trained["label"] == label].sort_values("epochs")
@@ -139,7 +144,7 @@ def ap_vs_epochs(summary: pd.DataFrame, profile: str, path: Path) -> Path:
                         lw=1.2,
                         label=styles.at[key, "label"],
                     )
-            ax.set_title(f"{DATASETS[ds]}: {METRIC_NAMES[m]}")
+            ax.set_title(f"{DATASET_TITLES[ds]}: {METRIC_NAMES[m]}")
             ax.set_ylabel("COCO AP (%)")
             ax.set_xticks(range(len(budgets)), [str(e) for e in budgets])
             ax.set_xlim(-0.5, max(len(budgets), 1) - 0.5)
@@ -199,7 +204,7 @@ def seed_points(seeds: pd.DataFrame, summary: pd.DataFrame, profile: str, path: 
     group = points.groupby(["_cat", "dataset"])
     k, rank = group["seed"].transform("size"), group.cumcount()
     jitter = ((rank - (k - 1) / 2) * np.minimum(0.3 / (k - 1).clip(lower=1), 0.08)).to_numpy()
-    panels = [(ds, m) for ds in datasets for m in METRICS]
+    panels = [(ds, m) for ds in datasets for m in TABLE_METRICS]
     fig = Figure(figsize=(max(7.0, 0.5 * n + 2.5), 2.5 * len(panels) + 1.2), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
     for ax, (ds, m) in zip(axes, panels, strict=True):
@@ -210,7 +215,7 @@ def seed_points(seeds: pd.DataFrame, summary: pd.DataFrame, profile: str, path: 
         )
         colors = [method_color(x) for x in sub["method"]]
         ax.scatter(sub["_cat"] + jitter[here], sub[m], c=colors, s=24, alpha=0.85, lw=0, zorder=3)
-        ax.set_title(f"{DATASETS[ds]}: {METRIC_NAMES[m]}")
+        ax.set_title(f"{DATASET_TITLES[ds]}: {METRIC_NAMES[m]}")
         ax.set_ylabel("COCO AP (%)")
         ax.grid(axis="y", alpha=0.3)
         _block_labels(ax, summary)
@@ -298,7 +303,7 @@ def finetune_loss(curves: pd.DataFrame, summary: pd.DataFrame, profile: str, pat
                 if (key, ds) in by_row and (pd.isna(e) or e == budget):
                     _plot_curve(ax, by_row[key, ds], style, names[key], "--" if pd.isna(e) else "-")
             title = "no pre-training" if budget is None else f"pre-trained {budget} epochs"
-            ax.set_title(f"{DATASETS[ds]}, {title}")
+            ax.set_title(f"{DATASET_TITLES[ds]}, {title}")
             ax.set_xlabel("fine-tuning iteration")
             ax.grid(alpha=0.3)
         axes[r, 0].set_ylabel("training loss\n(Mask R-CNN total, mean over seeds)")

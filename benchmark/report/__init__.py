@@ -1,0 +1,75 @@
+"""The results report: every finished benchmark in the MLflow store as the paper's table.
+
+``build_report`` reads the store (never the run folders, so it works on a copied
+``mlflow.db``), writes ``results.md``/``results.csv`` and the figures, and logs them to a new
+``stage=report`` run. Imports flow one way: ``runs`` (read the store; the row keys and
+method order) ← ``summary`` (statistics), ``table`` (every results table, also the row
+``make benchmark`` prints), ``figures`` ← ``build``. The frames are built by pure functions
+(``seed_frame``, ``summary_table``, ``markdown_report``) so tests can check them on
+hand-made values.
+
+The names below are loaded on first use, so that ``benchmark.pipeline`` importing
+``benchmark.report.table`` pulls in neither MLflow nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmark.report.build import ReportResult, build_report
+    from benchmark.report.figures import write_figures
+    from benchmark.report.runs import (
+        KEYS,
+        METHOD_ORDER,
+        load_published,
+        load_runs,
+        metric_curves,
+        pretrain_runs,
+        seed_frame,
+    )
+    from benchmark.report.summary import summary_table
+    from benchmark.report.table import csv_frame, markdown_report, results_table, section_table
+
+_EXPORTS = {
+    "ReportResult": "build",
+    "build_report": "build",
+    "write_figures": "figures",
+    "KEYS": "runs",
+    "METHOD_ORDER": "runs",
+    "load_published": "runs",
+    "load_runs": "runs",
+    "metric_curves": "runs",
+    "pretrain_runs": "runs",
+    "seed_frame": "runs",
+    "summary_table": "summary",
+    "csv_frame": "table",
+    "markdown_report": "table",
+    "results_table": "table",
+    "section_table": "table",
+}
+__all__ = [
+    "KEYS",
+    "METHOD_ORDER",
+    "ReportResult",
+    "build_report",
+    "csv_frame",
+    "load_published",
+    "load_runs",
+    "markdown_report",
+    "metric_curves",
+    "pretrain_runs",
+    "results_table",
+    "section_table",
+    "seed_frame",
+    "summary_table",
+    "write_figures",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """``name`` from the submodule that defines it, imported on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
