@@ -29,10 +29,8 @@ from methods.concepts import cosine_kmeans, match_concepts, paired_prototypes, s
 from methods.distributed import concat_all_gather
 from methods.losses import info_nce
 from methods.mocov2 import MoCoV2, MoCoV2Config
-from methods.momentum import ema_update_
 from methods.queue import MemoryQueue
 from methods.reference_view import ConceptViews
-from methods.shuffle_bn import batch_shuffle, batch_unshuffle
 
 
 @dataclass
@@ -102,23 +100,8 @@ class ConCL(MoCoV2):
         im_q, im_k, im_ref, boxes = views
         cfg = self.cfg
         concepts = self.concepts_on(ctx)
-        feat_q = self.encoder_q["backbone"](im_q)  # (B, C, h, w), with gradient
-        q = F.normalize(self.encoder_q["head"](feat_q.mean(dim=(2, 3))).float(), dim=1)
-        with torch.no_grad():
-            ema_update_(self.encoder_k, self.encoder_q, cfg.momentum)
-            if cfg.shuffle_bn:
-                im_k, idx_unshuffle = batch_shuffle(im_k)
-            feat_k = self.encoder_k["backbone"](im_k)
-            k = F.normalize(self.encoder_k["head"](feat_k.mean(dim=(2, 3))).float(), dim=1)
-            if cfg.shuffle_bn:
-                k = batch_unshuffle(k, idx_unshuffle)
-                if concepts and not cfg.reproduce_shuffle_bug:
-                    feat_k = batch_unshuffle(feat_k, idx_unshuffle)
-            if concepts:  # the reference view goes through the key encoder unshuffled
-                reference = self.encoder_k["backbone"].forward_stages(im_ref, (cfg.cluster_layer,))
-        instance = info_nce(q, k, self.queue.keys(), cfg.temperature)
-        self.queue.enqueue(concat_all_gather(k))
-        if not concepts:
+        if not concepts:  # the warm-up: exactly MoCo-v2's step
+            instance = self.instance_loss(self.encode(im_q, im_k))
             zero = instance.new_zeros(())
             return {
                 "loss": instance,
@@ -127,7 +110,16 @@ class ConCL(MoCoV2):
                 "concept_pairs": zero,
             }
 
-        concept, pairs = self.concept_loss(feat_q, feat_k, reference[cfg.cluster_layer], boxes)
+        # The key map feeds the key prototypes; with reproduce_shuffle_bug it stays in the
+        # shuffled order the key encoder saw, as in the released code.
+        key_map = "shuffled" if cfg.reproduce_shuffle_bug else "unshuffled"
+        enc = self.encode(im_q, im_k, key_map=key_map)
+        with torch.no_grad():  # the reference view goes through the key encoder unshuffled
+            reference = self.encoder_k["backbone"].forward_stages(im_ref, (cfg.cluster_layer,))
+        instance = self.instance_loss(enc)
+        concept, pairs = self.concept_loss(
+            enc.feat_q, enc.feat_k, reference[cfg.cluster_layer], boxes
+        )
         loss = cfg.concept_weight * concept + (1.0 - cfg.concept_weight) * instance
         return {
             "loss": loss,

@@ -21,9 +21,8 @@ from methods.distributed import concat_all_gather
 from methods.heads import DenseHead
 from methods.losses import info_nce
 from methods.mocov2 import MoCoV2, MoCoV2Config
-from methods.momentum import ema_update_, momentum_copy
+from methods.momentum import momentum_copy
 from methods.queue import MemoryQueue
-from methods.shuffle_bn import batch_shuffle, batch_unshuffle
 
 
 @dataclass
@@ -85,44 +84,36 @@ class DenseCL(MoCoV2):
         self.queue_dense = MemoryQueue(cfg.queue_size, cfg.feat_dim)
 
     @staticmethod
-    def encode(encoder: nn.ModuleDict, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One backbone pass, three outputs, in float32.
+    def dense(encoder: nn.ModuleDict, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """The dense branch of one encoder's layer4 map ``feats`` (B, C, S×S), in float32.
 
         Returns the backbone cells (B, C, S²), L2-normalised over C and detached (they only
-        serve the arg-max match, which has no gradient); the normalised global projection
-        (B, D); and the raw dense projection (B, D, S²), normalised by the caller because
-        the key side also average-pools it first.
+        serve the arg-max match, which has no gradient), and the raw dense projection
+        (B, D, S²), normalised by the caller because the key side also average-pools it.
         """
-        feats = encoder["backbone"](images)
-        glob = F.normalize(encoder["head"](feats.mean(dim=(2, 3))).float(), dim=1)
         dense = encoder["dense_head"](feats).float().flatten(2)
         cells = F.normalize(feats.detach().float().flatten(2), dim=1)
-        return cells, glob, dense
+        return cells, dense
 
     def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
         im_q, im_k = views
-        q_cells, q, q_dense = self.encode(self.encoder_q, im_q)
+        # MoCo-v2's step; the key map comes back un-shuffled, so the dense key branch below
+        # runs on it in batch order (per-image operations: the same values as un-shuffling
+        # its outputs, as the original does).
+        enc = self.encode(im_q, im_k, key_map="unshuffled")
+        q_cells, q_dense = self.dense(self.encoder_q, enc.feat_q)
         q_grid = F.normalize(q_dense, dim=1)
         with torch.no_grad():
-            # As in MoCo: the key encoder moves before it encodes this step's keys.
-            ema_update_(self.encoder_k, self.encoder_q, self.cfg.momentum)
-            if self.cfg.shuffle_bn:
-                im_k, idx_unshuffle = batch_shuffle(im_k)
-            k_cells, k, k_dense = self.encode(self.encoder_k, im_k)
+            k_cells, k_dense = self.dense(self.encoder_k, enc.feat_k)
             k_grid = F.normalize(k_dense, dim=1)
             k_pooled = F.normalize(k_dense.mean(dim=2), dim=1)  # the dense queue's keys
-            if self.cfg.shuffle_bn:
-                k_cells, k, k_grid, k_pooled = (
-                    batch_unshuffle(t, idx_unshuffle) for t in (k_cells, k, k_grid, k_pooled)
-                )
             match = match_cells(q_cells, k_cells)
-        global_loss = info_nce(q, k, self.queue.keys(), self.cfg.temperature)
+        global_loss = self.instance_loss(enc)
         dense_loss = dense_info_nce(
             q_grid, k_grid, match, self.queue_dense.keys(), self.cfg.temperature
         )
         lam = self.cfg.loss_lambda
         loss = (1.0 - lam) * global_loss + lam * dense_loss
-        self.queue.enqueue(concat_all_gather(k))
         self.queue_dense.enqueue(concat_all_gather(k_pooled))
         return {
             "loss": loss,

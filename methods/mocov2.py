@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,26 @@ from methods.losses import info_nce
 from methods.momentum import ema_update_, momentum_copy
 from methods.queue import MemoryQueue
 from methods.shuffle_bn import batch_shuffle, batch_unshuffle, convert_split_bn
+
+#: Whether and how ``MoCoV2.encode`` returns the key encoder's layer4 map.
+KeyMap = Literal["none", "unshuffled", "shuffled"]
+KEY_MAPS: tuple[str, ...] = ("none", "unshuffled", "shuffled")
+
+
+@dataclass
+class MoCoEncoding:
+    """One MoCo encode step (``MoCoV2.encode``).
+
+    ``q``, ``k``: (B, D) L2-normalised query and key projections in float32, both in batch
+    order; ``q`` has gradient. ``feat_q``: the query encoder's layer4 map (B, C, h, w),
+    with gradient. ``feat_k``: the key encoder's layer4 map, without gradient, in the
+    order ``key_map`` asked for (None for ``"none"``).
+    """
+
+    q: Tensor
+    k: Tensor
+    feat_q: Tensor
+    feat_k: Tensor | None
 
 
 @dataclass
@@ -77,32 +97,51 @@ class MoCoV2(Method):
         return MultiView([view, view])
 
     @staticmethod
-    def embed(encoder: nn.ModuleDict, images: Tensor) -> Tensor:
+    def project(encoder: nn.ModuleDict, feats: Tensor) -> Tensor:
+        """L2-normalised projection of a globally pooled feature map, in float32."""
+        return F.normalize(encoder["head"](feats.mean(dim=(2, 3))).float(), dim=1)
+
+    @classmethod
+    def embed(cls, encoder: nn.ModuleDict, images: Tensor) -> Tensor:
         """L2-normalised projection of globally pooled layer4 features, in float32."""
-        pooled = encoder["backbone"](images).mean(dim=(2, 3))
-        return F.normalize(encoder["head"](pooled).float(), dim=1)
+        return cls.project(encoder, encoder["backbone"](images))
 
-    def instance_step(self, im_q: Tensor, im_k: Tensor) -> tuple[Tensor, Tensor]:
-        """MoCo's step: momentum update, shuffled keys, InfoNCE against the queue, enqueue.
+    def encode(self, im_q: Tensor, im_k: Tensor, key_map: KeyMap = "none") -> MoCoEncoding:
+        """MoCo's encode step: queries, momentum update, shuffle-BN keys, back in order.
 
-        Returns the queries (for methods that add a loss on them, e.g. PCL) and the loss.
+        The query encoder embeds ``im_q`` (with gradient). Then, without gradient, the key
+        encoder moves by EMA *before* it encodes this step's keys (as in MoCo), ``im_k`` is
+        shuffled across the batch (``shuffle_bn``) for the key forward, and the keys are
+        un-shuffled. ``key_map`` says whether the key layer4 map is returned too:
+        ``"unshuffled"`` in batch order (what a per-image use of it needs), ``"shuffled"``
+        in the order the key encoder saw it (ConCL's ``reproduce_shuffle_bug``), or
+        ``"none"`` (not un-shuffled, which would cost a gather of the map under DDP).
         """
-        q = self.embed(self.encoder_q, im_q)
+        if key_map not in KEY_MAPS:
+            raise ValueError(f"key_map must be one of {', '.join(KEY_MAPS)}, got {key_map!r}")
+        feat_q = self.encoder_q["backbone"](im_q)
+        q = self.project(self.encoder_q, feat_q)
         with torch.no_grad():
-            # As in MoCo: the key encoder moves before it encodes this step's keys.
             ema_update_(self.encoder_k, self.encoder_q, self.cfg.momentum)
             if self.cfg.shuffle_bn:
                 im_k, idx_unshuffle = batch_shuffle(im_k)
-            k = self.embed(self.encoder_k, im_k)
+            feat_k = self.encoder_k["backbone"](im_k)
+            k = self.project(self.encoder_k, feat_k)
             if self.cfg.shuffle_bn:
                 k = batch_unshuffle(k, idx_unshuffle)
-        loss = info_nce(q, k, self.queue.keys(), self.cfg.temperature)
-        self.queue.enqueue(concat_all_gather(k))
-        return q, loss
+                if key_map == "unshuffled":
+                    feat_k = batch_unshuffle(feat_k, idx_unshuffle)
+        return MoCoEncoding(q, k, feat_q, feat_k if key_map != "none" else None)
+
+    def instance_loss(self, enc: MoCoEncoding) -> Tensor:
+        """InfoNCE of the queries against their keys and the queue; then enqueue the keys."""
+        loss = info_nce(enc.q, enc.k, self.queue.keys(), self.cfg.temperature)
+        self.queue.enqueue(concat_all_gather(enc.k))
+        return loss
 
     def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
         im_q, im_k = views
-        return {"loss": self.instance_step(im_q, im_k)[1]}
+        return {"loss": self.instance_loss(self.encode(im_q, im_k))}
 
     def backbone(self) -> nn.Module:
         return self.encoder_q["backbone"]

@@ -284,11 +284,12 @@ class PCL(MoCoV2):
         return metrics
 
     def forward(self, views: list[Tensor], ctx: StepContext) -> dict[str, Tensor]:
-        q, instance = self.instance_step(views[0], views[1])
+        enc = self.encode(views[0], views[1])
+        instance = self.instance_loss(enc)
         if ctx.epoch < self.cfg.warmup_epochs:
             proto = instance.new_zeros(())
         else:
-            proto = self.proto_loss(q, views[2] if len(views) > 2 else None)
+            proto = self.proto_loss(enc.q, views[2] if len(views) > 2 else None)
         return {
             "loss": instance + proto,
             "instance_loss": instance.detach(),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import methods.concl as concl_module
+import methods.mocov2 as mocov2_module
 from benchmark.config import ConfigError, load_config
 from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
@@ -50,7 +51,8 @@ LABELS[1] = 0  # one concept only in image 1
 
 
 def _fix_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(concl_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+    # The key shuffle is drawn in MoCo-v2's encode step, which ConCL's step runs.
+    monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
     monkeypatch.setattr(concl_module, "cosine_kmeans", lambda x, k, iters: LABELS.flatten(1))
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import methods.densecl as densecl_module
+import methods.mocov2 as mocov2_module
 from benchmark.config import load_config
 from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
@@ -164,7 +164,8 @@ def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.M
     split = bn_batch_size < BATCH
     if split:
         # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        monkeypatch.setattr(densecl_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+        # DenseCL's key side runs through MoCo-v2's encode step, which draws the shuffle.
+        monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
     with torch.no_grad():
         model.queue.ptr.fill_(16)  # this step's 8 keys wrap: rows 16..19 then 0..3
         for p in model.encoder_k.parameters():

@@ -110,6 +110,52 @@ def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.M
     assert trainable == {id(p) for p in model.encoder_q.parameters()}
 
 
+@pytest.mark.parametrize("key_map", ["none", "unshuffled", "shuffled"])
+def test_encode_step_returns_maps_in_the_order_asked(
+    key_map: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _build(4)  # split BN: the key shuffle changes the key features
+    monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    enc_q, enc_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
+    queue_before, ptr_before = model.queue.queue.clone(), model.queue.ptr.clone()
+    im_q, im_k = _views()
+
+    enc = model.encode(im_q, im_k, key_map=key_map)  # type: ignore[arg-type]
+
+    m = model.cfg.momentum
+    with torch.no_grad():
+        for p_k, p_q in zip(enc_k.parameters(), enc_q.parameters(), strict=True):
+            p_k.copy_(m * p_k + (1 - m) * p_q)
+        feat_q = enc_q["backbone"](im_q)
+        feat_k_shuffled = enc_k["backbone"](im_k[PERM])
+        k = F.normalize(enc_k["head"](feat_k_shuffled.mean((2, 3))), dim=1)[PERM.argsort()]
+    torch.testing.assert_close(enc.feat_q, feat_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc.q, _embed(enc_q, im_q), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc.k, k, rtol=1e-5, atol=1e-5)
+    assert enc.q.requires_grad and enc.feat_q.requires_grad and not enc.k.requires_grad
+    if key_map == "none":
+        assert enc.feat_k is None
+    else:
+        expected = feat_k_shuffled if key_map == "shuffled" else feat_k_shuffled[PERM.argsort()]
+        # Maps are compared looser than losses: the hand EMA rounds differently, and the
+        # difference grows over the trunk; rows of other images differ by orders more.
+        torch.testing.assert_close(enc.feat_k, expected, rtol=1e-4, atol=1e-4)
+        assert not enc.feat_k.requires_grad
+    # Encoding alone leaves the queue alone; instance_loss uses it, then enqueues the keys.
+    assert torch.equal(model.queue.queue, queue_before) and torch.equal(model.queue.ptr, ptr_before)
+    loss = model.instance_loss(enc)
+    torch.testing.assert_close(loss, info_nce(enc.q, k, queue_before, 0.2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.queue.queue[:BATCH], k, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_rejects_an_unknown_key_map() -> None:
+    with pytest.raises(ValueError, match="key_map must be one of none, unshuffled, shuffled"):
+        _build(8).encode(*_views(), key_map="sorted")  # type: ignore[arg-type]
+
+
 def test_real_shuffle_split_bn_step_runs() -> None:
     model = _build(4)
     out = model(_views(), CTX)
