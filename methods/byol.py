@@ -26,11 +26,11 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from benchmark.core.contracts import BuildContext, StepContext
 from benchmark.core.registry import register_method
-from benchmark.training.optim import exclude_norm_and_bias
 from methods.augment import MultiView, byol_views
 from methods.backbones import build_trunk
 from methods.base import Method, MethodConfig
 from methods.momentum import ema_update_, momentum_copy
+from methods.param_groups import exclude_norm_and_bias
 from methods.shuffle_bn import convert_split_bn
 
 

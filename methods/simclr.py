@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from benchmark.core.contracts import BuildContext, StepContext
 from benchmark.core.registry import register_method
-from benchmark.training.optim import exclude_norm_and_bias
 from methods.augment import MultiView, simclr_view
 from methods.backbones import build_trunk
 from methods.base import Method, MethodConfig
 from methods.distributed import all_gather_with_grad, rank
+from methods.param_groups import exclude_norm_and_bias
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Optimizers of the pre-training stage: SGD (MoCo family) and LARS (SimCLR, BYOL).
 
-Parameter groups come from the method (``Method.param_groups``). A group may carry
-``weight_decay`` (overriding the default) and ``lars_exclude=True``: such parameters get
-plain momentum SGD with no layer-wise adaptation, as BN parameters and biases in
-OpenSelfSup's LARS configs (spec §2).
+Parameter groups come from the method (``Method.param_groups``; e.g.
+``methods.param_groups.exclude_norm_and_bias``). A group may carry ``weight_decay``
+(overriding the default) and ``lars_exclude=True``: such parameters get plain momentum SGD
+with no layer-wise adaptation, as BN parameters and biases in OpenSelfSup's LARS configs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from benchmark.core.schema import OPTIMIZERS
 
@@ -99,25 +99,3 @@ def build_optimizer(
             groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=trust_coefficient
         )
     raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-
-
-def exclude_norm_and_bias(module: nn.Module) -> list[dict[str, Any]]:
-    """Two groups: weights that decay and adapt, and norm parameters and biases that don't.
-
-    OpenSelfSup picks the second group by name (``(bn|gn)(\\d+)?.(weight|bias)`` and
-    ``bias``), which misses the downsample BN's weight (named ``downsample.1``); here it
-    is chosen by module type, so every normalisation layer's parameters are excluded.
-    """
-    excluded: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for m in module.modules():
-        is_norm = isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
-        for name, p in m.named_parameters(recurse=False):
-            if p.requires_grad and (is_norm or name == "bias") and id(p) not in seen:
-                excluded.append(p)
-                seen.add(id(p))
-    decayed = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
-    return [
-        {"params": decayed},
-        {"params": excluded, "weight_decay": 0.0, "lars_exclude": True},
-    ]

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from benchmark.config import ConfigError, load_config
-from benchmark.training.optim import LARS, build_optimizer, exclude_norm_and_bias
+from benchmark.training.optim import LARS, build_optimizer
+from methods.param_groups import exclude_norm_and_bias
 
 LR, MOMENTUM, WD, ETA = 0.5, 0.9, 0.1, 0.02
 
