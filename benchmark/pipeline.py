@@ -9,25 +9,28 @@ hold the pre-training and each fine-tuning run.
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from benchmark.config import config_hash, flatten, pretrain_hash, to_container
+from benchmark.config import finetune_hash, pretrain_hash
 from benchmark.core.contracts import World
 from benchmark.core.registry import get_method
-from benchmark.core.schema import DATASET_TITLES
 from benchmark.pretrain import run_pretrain
 from benchmark.report.table import results_table
+from benchmark.tracking import (
+    MlflowMetrics,
+    ParentRun,
+    open_finetune_run,
+    open_parent,
+    run_status,
+)
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.progress import main_printer
-
-
-def finetune_hash(cfg: DictConfig) -> str:
-    """What the transfer stage computes: the ``finetune`` section without execution keys."""
-    return config_hash(cfg, ("finetune",))
+from benchmark.transfer.finetune import METRICS_FILE, finetune
 
 
 def _file_digest(path: Path) -> str:
@@ -81,25 +84,18 @@ def run_benchmark(
     are skipped, the parent is marked KILLED and the aggregates of the finished seeds are
     returned. ``parent_tags`` go on the parent run if this call creates it.
     """
-    from benchmark.transfer.finetune import finetune
-
     say = main_printer(world)
     method_cls = get_method(cfg.method.name)
     external = weights is not None
-    tracker = parent = None
-    if world.is_main:
-        from benchmark.tracking import open_parent
-
-        label = f"weights-{_file_digest(weights)}" if external else None
-        tracker, parent = open_parent(cfg, label, parent_tags)
-        if external:
-            tracker.set_tags(parent, {"weights": str(weights)})
-    status = "FAILED"
-    try:
+    label = f"weights-{_file_digest(weights)}" if weights is not None else None
+    run = open_parent(cfg, label, parent_tags, world=world)
+    tracker, parent = run
+    if external:
+        tracker.set_tags(parent, {"weights": str(weights)})
+    with run_status(tracker, parent) as outcome:
         if not external and method_cls.pretrains:
-            result = run_pretrain(cfg, world, parent=(tracker, parent) if world.is_main else None)
-            weights = result.backbone_path
-        if world.is_main and weights is not None:
+            weights = run_pretrain(cfg, world, run).backbone_path
+        if weights is not None:
             tracker.set_tags(parent, {"backbone": str(weights)})
         base = transfer_dir(cfg, weights, external)
         per_seed: dict[str, list[dict[str, float]]] = {}
@@ -109,85 +105,46 @@ def run_benchmark(
             for seed in range(1, cfg.finetune.seeds + 1):
                 if stopped:
                     break
-                metrics = _one_seed(
-                    cfg,
-                    name,
-                    seed,
-                    weights,
-                    world,
-                    base,
-                    tracker,
-                    parent,
-                    finetune,
-                    stop_after_iter,
-                )
+                out_dir = base / name / f"seed{seed}"
+                metrics = _one_seed(cfg, name, seed, weights, world, out_dir, run, stop_after_iter)
                 if metrics:
                     per_seed[name].append(metrics)
                     if on_seed is not None and not on_seed(name, seed, metrics):
                         stopped = True
-        if stopped:
-            status = "KILLED"
-            return aggregate(per_seed)
-        if stop_after_iter is not None:
-            status = "KILLED"
-            return {}
+        if stopped or stop_after_iter is not None:
+            outcome.stopped()
+            return aggregate(per_seed) if stopped else {}
         summary = aggregate(per_seed)
-        if world.is_main:
-            tracker.log_metrics(parent, summary, step=0)
-            label = cfg.method.name if not external else f"{Path(weights).name}"
-            epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
-            say("\n" + results_table(label, epochs, summary))
-        status = "FINISHED"
+        tracker.log_metrics(parent, summary, step=0)
+        shown = cfg.method.name if not external else f"{Path(weights).name}"
+        epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
+        say("\n" + results_table(shown, epochs, summary))
         return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish(parent, status)
 
 
 def _one_seed(
-    cfg, name, seed, weights, world, base, tracker, parent, finetune, stop_after_iter
+    cfg: DictConfig,
+    name: str,
+    seed: int,
+    weights: Path | None,
+    world: World,
+    out_dir: Path,
+    parent: ParentRun,
+    stop_after_iter: int | None,
 ) -> dict[str, float]:
-    out_dir = base / name / f"seed{seed}"
-    child = None
-    if world.is_main:
-        child, created = tracker.child_run(parent, "finetune", {"dataset": name, "seed": seed})
-        if created:
-            section = to_container(cfg)["finetune"]
-            params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
-            params.update(flatten(section[name], f"{name}."))
-            params.update({"weights": str(weights), "finetune_hash": finetune_hash(cfg)})
-            tracker.log_params(child, params)
-        elif tracker.status(child) == "FINISHED" and (out_dir / "metrics.json").is_file():
-            import json
-
-            return json.loads((out_dir / "metrics.json").read_text())
-        tracker.set_running(child)
-
-    def on_log(metrics: dict[str, float], iteration: int) -> None:
-        tracker.log_metrics(child, {f"train_{k}": v for k, v in metrics.items()}, iteration)
-
-    status = "FAILED"
-    try:
-        result = finetune(
-            cfg,
-            name,
-            seed,
-            weights,
-            world,
-            out_dir,
-            on_log if world.is_main else None,
-            stop_after_iter,
-        )
-        status = "FINISHED" if result.metrics else "KILLED"
-        if world.is_main and result.metrics:
-            tracker.log_metrics(child, result.metrics, step=cfg.finetune[name].iterations)
+    """One (dataset, seed) fine-tune under its MLflow child; a finished one is read back."""
+    tracker = parent.tracker
+    metrics_file = out_dir / METRICS_FILE
+    child, finished = open_finetune_run(
+        tracker, parent.run_id, cfg, name, seed, weights, scored=metrics_file.is_file()
+    )
+    if finished:
+        return json.loads(metrics_file.read_text())
+    logger = MlflowMetrics(
+        tracker, child, per_epoch=False, prefix="train_", final_step=cfg.finetune[name].iterations
+    )
+    with run_status(tracker, child) as outcome:
+        result = finetune(cfg, name, seed, weights, world, out_dir, [logger], stop_after_iter)
+        if not result.metrics:
+            outcome.stopped()
         return result.metrics
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if child is not None:
-            tracker.finish(child, status)

@@ -1,32 +1,30 @@
-"""The method-agnostic pre-training engine.
+"""The pre-training stage: the method-agnostic engine around a method plugin.
 
-Owns what is the same for every method: DDP, SGD, the per-epoch LR schedule with optional
-per-iteration warm-up, bf16 autocast, channels_last, per-epoch seeding (so a resumed run
-continues bit-for-bit on CPU), atomic checkpoints, resume by config hash, tracking and
-progress. The plugin owns its networks, views and loss (``methods.base.Method``).
+Owns what is the same for every method: DDP, SGD/LARS, the per-epoch LR schedule with
+optional per-iteration warm-up, per-epoch seeding (so a resumed run continues bit-for-bit on
+CPU), resume by config hash, and the MLflow child run. The step itself (autocast, loss sums,
+finite check, throughput, checkpoints, events) is the shared ``training.loop.TrainingLoop``.
+The plugin owns its networks, views and loss (``methods.base.Method``).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from benchmark.config import check_layout, flatten, pretrain_hash, to_container, to_yaml
+from benchmark.config import check_layout, pretrain_hash, to_container, to_yaml
 from benchmark.core.contracts import BuildContext, StepContext, World
-from benchmark.core.errors import UserError
 from benchmark.core.registry import get_method
+from benchmark.data.pretrain import PretrainImageDataset
 from benchmark.data.seeding import (
     MODEL_STREAM,
     EpochTaggedSampler,
@@ -34,19 +32,26 @@ from benchmark.data.seeding import (
     SeededSamples,
     mix_seed,
 )
+from benchmark.tracking import (
+    MlflowMetrics,
+    ParentRun,
+    Tracker,
+    open_parent,
+    open_pretrain_run,
+    run_status,
+)
 from benchmark.training import checkpoints as ckpt
-from benchmark.training.distributed import barrier, seed_everything
+from benchmark.training.distributed import barrier, seed_everything, wrap_ddp
+from benchmark.training.loop import Callback, TrainingDiverged, TrainingLoop
 from benchmark.training.optim import build_optimizer
 from benchmark.training.progress import Progress, main_printer
 from benchmark.training.schedules import learning_rate, scaled_lr
 from methods.base import Method
 
+__all__ = ["PretrainResult", "Pretrainer", "TrainingDiverged", "build_method", "run_pretrain"]
+
 BACKBONE_FILE = "backbone.pth"
 DONE_FILE = "done.json"
-
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -127,6 +132,16 @@ def build_eval_loader(cfg: DictConfig, world: World, dataset: Dataset) -> DataLo
     )
 
 
+class _EpochProgress(Callback):
+    """Feeds one epoch's ``Progress`` from the loop's step events."""
+
+    def __init__(self, progress: Progress, first_step: int) -> None:
+        self.progress, self.first_step = progress, first_step
+
+    def on_step_end(self, step: int, loss: float | None, lr: float) -> None:
+        self.progress.step(step - self.first_step + 1, loss, lr)
+
+
 class Pretrainer:
     """One method's optimisation loop; usable on its own (tests, ``make bench``)."""
 
@@ -137,6 +152,8 @@ class Pretrainer:
         method: Method,
         steps_per_epoch: int,
         eval_dataset: Dataset | None = None,
+        checkpoints: ckpt.CheckpointManager | None = None,
+        callbacks: Sequence[Callback] = (),
     ):
         if steps_per_epoch < 1:
             raise ValueError(
@@ -150,23 +167,45 @@ class Pretrainer:
         self.channels_last = cfg.pretrain.channels_last
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         method.to(device=world.device, memory_format=memory_format)
-        self.model: nn.Module = method
-        if world.is_distributed and world.device.type == "cuda" and method.sync_bn:
-            # SimCLR/BYOL normalise over the global batch (SyncBN); gloo cannot run it.
-            nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        if world.is_distributed:
-            self.model = DistributedDataParallel(
-                method,
-                device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                broadcast_buffers=False,  # per-process BN statistics, as mmcv's DDP wrapper
-                find_unused_parameters=method.find_unused_parameters,
-            )
+        # SimCLR/BYOL normalise over the global batch (SyncBN); per-process BN statistics
+        # otherwise, as mmcv's DDP wrapper (no buffer broadcast).
+        self.model: nn.Module = wrap_ddp(
+            method,
+            world,
+            sync_bn=method.sync_bn,
+            find_unused_parameters=method.find_unused_parameters,
+            broadcast_buffers=False,
+        )
         o = cfg.optim
         self.lr = scaled_lr(o.lr, cfg.pretrain.batch_size, o.reference_batch, o.scale_lr)
         self.optimizer = build_optimizer(
             o.name, method.param_groups(), self.lr, o.momentum, o.weight_decay, o.trust_coefficient
         )
-        self.autocast_dtype = torch.bfloat16 if cfg.pretrain.amp_bf16 else None
+        epochs = cfg.pretrain.epochs
+        self.loop = TrainingLoop(
+            world,
+            self.model,
+            self.optimizer,
+            lambda step: learning_rate(o, self.lr, epochs, step, steps_per_epoch),
+            global_batch=cfg.pretrain.batch_size,
+            log_every=cfg.pretrain.log_every,
+            diverged=self._diverged,
+            amp_bf16=cfg.pretrain.amp_bf16,
+            after_step=lambda step: method.on_step_end(self._ctx(step)),
+            checkpoints=checkpoints,
+            callbacks=callbacks,
+        )
+
+    def _ctx(self, step: int) -> StepContext:
+        spe = self.steps_per_epoch
+        return StepContext(step // spe, step, self.cfg.pretrain.epochs, spe)
+
+    def _diverged(self, value: float, step: int) -> str:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return (
+            f"loss is {value} at epoch {epoch + 1}, step {i + 1}: training diverged; "
+            "lower optim.lr (checkpoints of earlier epochs are kept)"
+        )
 
     def _to_device(self, views: Iterable[Tensor]) -> list[Tensor]:
         """Images (4-D) in the run's memory format; other tensors (e.g. crop boxes) as they are."""
@@ -178,58 +217,35 @@ class Pretrainer:
             for v in views
         ]
 
+    def _forward(self, views: Iterable[Tensor], step: int) -> dict[str, Tensor]:
+        return self.model(self._to_device(views), self._ctx(step))
+
     def train_epoch(
         self, loader: Iterable[Any], epoch: int, progress: Progress | None = None
     ) -> dict[str, float]:
         """One epoch; returns the epoch means of every loss term, plus lr and throughput."""
-        cfg, world = self.cfg, self.world
-        epochs = cfg.pretrain.epochs
-        ctx = StepContext(epoch, epoch * self.steps_per_epoch, epochs, self.steps_per_epoch)
+        first = epoch * self.steps_per_epoch
+        ctx = self._ctx(first)
         self.method.train()
         self.method.on_epoch_start(ctx)
         pass_metrics = self.dataset_pass(ctx) if self.method.wants_dataset_pass(ctx) else {}
-        sums: dict[str, Tensor] = {}
-        steps = 0
-        lr = self.lr
-        start = time.perf_counter()
-        for i, views in enumerate(loader):
-            if i >= self.steps_per_epoch:
-                break
-            ctx = StepContext(epoch, epoch * self.steps_per_epoch + i, epochs, self.steps_per_epoch)
-            lr = learning_rate(cfg.optim, self.lr, epochs, ctx.step, self.steps_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            views = self._to_device(views)
-            with torch.autocast(
-                world.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
-                out = self.model(views, ctx)
-            loss = out["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.method.on_step_end(ctx)
-            for key, value in out.items():
-                value = value.detach().float()
-                sums[key] = sums[key] + value if key in sums else value
-            steps += 1
-            if progress is not None and (steps % cfg.pretrain.log_every == 0):
-                loss_value = float(loss.detach())
-                self._check_finite(loss_value, epoch, i)
-                progress.step(steps, loss_value, lr)
-            elif progress is not None:
-                progress.step(steps, None, lr)
-        if world.device.type == "cuda":
-            torch.cuda.synchronize(world.device)
-        elapsed = time.perf_counter() - start
-        means = self._reduce_means(sums, steps)
-        self._check_finite(means.get("loss", 0.0), epoch, steps - 1)
-        means["lr"] = lr
-        means["images_per_sec"] = steps * cfg.pretrain.batch_size / max(elapsed, 1e-9)
-        means["epoch_time_s"] = elapsed
-        return {**pass_metrics, **means}
+        events = self.loop.events.callbacks
+        feed = _EpochProgress(progress, first) if progress is not None else None
+        if feed is not None:
+            events.append(feed)
+        try:
+            means = self.loop.run(
+                loader,
+                range(first, first + self.steps_per_epoch),
+                self._forward,
+                extra_metrics=lambda elapsed: {"epoch_time_s": elapsed},
+            )
+        finally:
+            if feed is not None:
+                events.remove(feed)
+        metrics = {**pass_metrics, **means}
+        self.loop.events.on_epoch_end(metrics, epoch + 1)
+        return metrics
 
     def dataset_pass(self, ctx: StepContext) -> dict[str, float]:
         """Hand the method this process's share of the training set (un-augmented)."""
@@ -245,24 +261,6 @@ class Pretrainer:
         metrics = self.method.on_dataset_pass(batches, len(self.eval_dataset), ctx)
         self.method.train()
         return {**metrics, "dataset_pass_time_s": time.perf_counter() - start}
-
-    def _reduce_means(self, sums: dict[str, Tensor], steps: int) -> dict[str, float]:
-        if not sums:
-            return {}
-        keys = sorted(sums)
-        stacked = torch.stack([sums[k] for k in keys]) / max(steps, 1)
-        if self.world.is_distributed:
-            dist.all_reduce(stacked)
-            stacked /= self.world.world_size
-        return dict(zip(keys, stacked.tolist(), strict=True))
-
-    @staticmethod
-    def _check_finite(value: float, epoch: int, step: int) -> None:
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"loss is {value} at epoch {epoch + 1}, step {step + 1}: training diverged; "
-                "lower optim.lr (checkpoints of earlier epochs are kept)"
-            )
 
     def state_dict(self, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -307,60 +305,18 @@ def _ensure_data(cfg: DictConfig, world: World) -> None:
     barrier(world)
 
 
-def _open_child(
-    cfg: DictConfig, digest: str, world: World, start_epoch: int, parent: tuple[Any, str] | None
-) -> tuple[Any, str | None, str | None]:
-    """Rank 0: the pre-training child under the benchmark's parent (opened if not given)."""
-    if not world.is_main:
-        return None, None, None
-    from benchmark.tracking import open_parent
-
-    tracker, parent_id = parent if parent is not None else open_parent(cfg)
-    child, created = tracker.child_run(
-        parent_id,
-        "pretrain",
-        {"method": cfg.method.name, "pretrain_hash": digest},
-        run_name=f"pretrain {cfg.method.name} ep{cfg.pretrain.epochs}",
-    )
-    if created:
-        params = flatten({k: v for k, v in to_container(cfg).items() if k != "finetune"})
-        params.update(
-            {
-                "world_size": world.world_size,
-                "device": world.device.type,
-                "lr_scaled": scaled_lr(
-                    cfg.optim.lr,
-                    cfg.pretrain.batch_size,
-                    cfg.optim.reference_batch,
-                    cfg.optim.scale_lr,
-                ),
-                "pretrain_hash": digest,
-            }
-        )
-        tracker.log_params(child, params)
-        tracker.log_text(child, to_yaml(cfg), "config.yaml")
-    else:
-        tracker.set_running(child)
-    tracker.set_tags(
-        child, {"resumed_from_epoch": start_epoch, "last_world_size": world.world_size}
-    )
-    return tracker, parent_id, child
-
-
 def run_pretrain(
     cfg: DictConfig,
     world: World,
+    parent: ParentRun | None = None,
     stop_after_epoch: int | None = None,
-    parent: tuple[Any, str] | None = None,
 ) -> PretrainResult:
     """Pre-train ``cfg.method``, resuming from the newest checkpoint of the same config.
 
-    ``parent`` is the (tracker, run id) of a benchmark that owns the parent run; without
+    ``parent`` is the run of a benchmark that owns the parent run; without
     it the parent is found or made here and closed with the pre-training's status.
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
     """
-    from benchmark.data.pretrain import PretrainImageDataset
-
     digest = pretrain_hash(cfg)
     directory = ckpt.run_dir(cfg.output_root, cfg.method.name, digest)
     backbone_path = directory / BACKBONE_FILE
@@ -376,7 +332,27 @@ def run_pretrain(
                 "config key for a new run."
             )
         return PretrainResult(directory, backbone_path, cfg.pretrain.epochs, already_finished=True)
+    if parent is not None:
+        return _pretrain(cfg, world, stop_after_epoch, parent.tracker, parent.run_id)
+    tracker, parent_id = open_parent(cfg, world=world)
+    with run_status(tracker, parent_id) as outcome:
+        result = _pretrain(cfg, world, stop_after_epoch, tracker, parent_id)
+        if result.epochs_done < cfg.pretrain.epochs:
+            outcome.stopped()
+        return result
 
+
+def _pretrain(
+    cfg: DictConfig,
+    world: World,
+    stop_after_epoch: int | None,
+    tracker: Tracker,
+    parent_id: str | None,
+) -> PretrainResult:
+    digest = pretrain_hash(cfg)
+    directory = ckpt.run_dir(cfg.output_root, cfg.method.name, digest)
+    backbone_path = directory / BACKBONE_FILE
+    say = main_printer(world)
     _ensure_data(cfg, world)
     method = build_method(cfg, world)
     dataset = PretrainImageDataset(cfg.data.root, cfg.data.list_file, transform=method.views())
@@ -384,10 +360,11 @@ def run_pretrain(
         cfg.data.root, cfg.data.list_file, transform=method.eval_view()
     )
     steps_per_epoch = len(dataset) // cfg.pretrain.batch_size
-    trainer = Pretrainer(cfg, world, method, steps_per_epoch, eval_dataset)
+    checkpoints = ckpt.CheckpointManager(directory, "epoch", writer=world.is_main)
+    trainer = Pretrainer(cfg, world, method, steps_per_epoch, eval_dataset, checkpoints)
 
     start_epoch = 0
-    latest = ckpt.latest_checkpoint(directory)
+    latest = checkpoints.latest()
     if latest is not None:
         state = ckpt.load_checkpoint(latest)
         if state.get("pretrain_hash") != digest:
@@ -400,7 +377,8 @@ def run_pretrain(
             f"==> pretrain: resuming {cfg.method.name} {digest} from {latest} (epoch {start_epoch})"
         )
 
-    tracker, parent_id, run_id = _open_child(cfg, digest, world, start_epoch, parent)
+    run_id = open_pretrain_run(tracker, parent_id, cfg, world, start_epoch)
+    trainer.loop.events.callbacks.append(MlflowMetrics(tracker, run_id, per_epoch=True))
     if world.is_main:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(to_yaml(cfg))
@@ -409,37 +387,25 @@ def run_pretrain(
         f"{steps_per_epoch} steps/epoch, global batch {cfg.pretrain.batch_size} on "
         f"{world.world_size} x {world.device.type} | lr {trainer.lr:g} | run dir {directory}"
     )
-    epoch = start_epoch
-    status = "FAILED"
-    try:
+    epochs, every = cfg.pretrain.epochs, cfg.pretrain.checkpoint_every
+    with run_status(tracker, run_id) as outcome:
         loader = build_loader(cfg, world, dataset, method.wants_sample_index)
-        for epoch in range(start_epoch, cfg.pretrain.epochs):
+        for epoch in range(start_epoch, epochs):
             # model-side randomness (e.g. shuffle-BN permutations): per (seed, epoch, rank)
             seed_everything(mix_seed(MODEL_STREAM, cfg.pretrain.seed, epoch, world.rank))
             loader.sampler.set_epoch(epoch)
-            progress = Progress(
-                world, epoch, cfg.pretrain.epochs, steps_per_epoch, cfg.pretrain.batch_size
-            )
+            progress = Progress(world, epoch, epochs, steps_per_epoch, cfg.pretrain.batch_size)
             try:
                 metrics = trainer.train_epoch(loader, epoch, progress)
             finally:
                 progress.close()
             done = epoch + 1
-            if world.is_main:
-                say(progress.summary(metrics))
-                tracker.log_metrics(run_id, metrics, step=done)
-                last = done == cfg.pretrain.epochs
-                if last or done % cfg.pretrain.checkpoint_every == 0 or done == stop_after_epoch:
-                    extra = {"pretrain_hash": digest, "mlflow_run_id": run_id}
-                    ckpt.save_torch(
-                        trainer.state_dict(done, extra), ckpt.checkpoint_path(directory, done)
-                    )
-            if (
-                stop_after_epoch is not None
-                and done >= stop_after_epoch
-                and done < cfg.pretrain.epochs
-            ):
-                status = "KILLED"
+            say(progress.summary(metrics))
+            if done in (epochs, stop_after_epoch) or done % every == 0:
+                extra = {"pretrain_hash": digest, "mlflow_run_id": run_id}
+                trainer.loop.save_checkpoint(done, trainer.state_dict(done, extra))
+            if stop_after_epoch is not None and stop_after_epoch <= done < epochs:
+                outcome.stopped()
                 barrier(world)
                 return PretrainResult(
                     directory, backbone_path, done, False, parent_id, run_id, method
@@ -449,20 +415,10 @@ def run_pretrain(
             tracker.log_artifact(run_id, backbone_path)
             tracker.log_artifact(run_id, directory / "config.yaml")
             ckpt.save_json(
-                {"pretrain_hash": digest, "epochs": cfg.pretrain.epochs, "mlflow_run_id": run_id},
+                {"pretrain_hash": digest, "epochs": epochs, "mlflow_run_id": run_id},
                 directory / DONE_FILE,
             )
-            say(f"==> pretrain: done; backbone: {backbone_path}")
-        status = "FINISHED"
+        trainer.loop.events.on_done({})
+        say(f"==> pretrain: done; backbone: {backbone_path}")
         barrier(world)
-        return PretrainResult(
-            directory, backbone_path, cfg.pretrain.epochs, False, parent_id, run_id, method
-        )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish(run_id, status)
-            if parent is None or status != "FINISHED":
-                tracker.finish(parent_id, status)
+        return PretrainResult(directory, backbone_path, epochs, False, parent_id, run_id, method)

@@ -1,8 +1,11 @@
 """MLflow tracking: one parent run per (method, config hash), one child run per stage.
 
-Only global rank 0 builds a ``Tracker``; every call goes through ``MlflowClient`` with an
-explicit run id, so no process-global "active run" leaks between stages or into torchrun
-children. Metrics are sent in batches (each sqlite round trip costs milliseconds).
+Only global rank 0 talks to MLflow: other ranks get a ``NullTracker`` whose calls do nothing,
+so the stages call the tracker unconditionally. Every call goes through ``MlflowClient`` with
+an explicit run id, so no process-global "active run" leaks between stages or into torchrun
+children. Metrics are sent in batches (each sqlite round trip costs milliseconds). The
+training loops publish events; ``MlflowMetrics`` subscribes to them; ``run_status`` ends a run
+FINISHED, FAILED or KILLED.
 """
 
 from __future__ import annotations
@@ -10,16 +13,42 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from benchmark.config import (
+    config_hash,
+    finetune_hash,
+    flatten,
+    pretrain_hash,
+    to_container,
+    to_yaml,
+)
+from benchmark.core.contracts import World
+from benchmark.core.schema import (
+    BACKBONE,
+    BENCHMARK_KIND,
+    CONFIG_HASH_TAG,
+    DATASET_TITLES,
+    DESCRIPTION_TAG,
+    METHOD_TAG,
+    PARENT_RUN_ID_TAG,
+    RUN_KIND_TAG,
+    STAGE_TAG,
+    benchmark_filter,
+    child_filter,
+)
+from benchmark.training.loop import Callback
+from benchmark.training.schedules import scaled_lr
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
-PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LENGTH = 6000
 
@@ -56,10 +85,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}+dirty" if dirty else sha
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 def _default_child_name(stage: str, tags: Mapping[str, Any]) -> str:
@@ -110,12 +135,13 @@ class Tracker:
         ``created_tags`` are set only when the run is made here (e.g. the Optuna trial that
         asked for it, or ``mlflow.parentRunId`` to nest it under that trial).
         """
-        run_id = self._find(
-            f"tags.run_kind = 'benchmark' and tags.method = '{_quote(method)}' "
-            f"and tags.config_hash = '{_quote(config_hash)}'"
-        )
+        run_id = self._find(benchmark_filter(method, config_hash))
         if run_id is None:
-            all_tags = {"run_kind": "benchmark", "method": method, "config_hash": config_hash}
+            all_tags = {
+                RUN_KIND_TAG: BENCHMARK_KIND,
+                METHOD_TAG: method,
+                CONFIG_HASH_TAG: config_hash,
+            }
             all_tags.update(tags)
             all_tags.update(created_tags or {})
             run = self.client.create_run(
@@ -132,12 +158,10 @@ class Tracker:
         The default name is the stage and the tag values (``finetune glas seed 3`` reads
         better in the UI's run list than ids).
         """
-        clauses = [f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_id}'", f"tags.stage = '{stage}'"]
-        clauses += [f"tags.{k} = '{_quote(str(v))}'" for k, v in tags.items()]
-        run_id = self._find(" and ".join(clauses))
+        run_id = self._find(child_filter(parent_id, stage, tags))
         if run_id is not None:
             return run_id, False
-        all_tags = {PARENT_RUN_ID_TAG: parent_id, "stage": stage, "run_kind": stage}
+        all_tags = {PARENT_RUN_ID_TAG: parent_id, STAGE_TAG: stage, RUN_KIND_TAG: stage}
         all_tags.update({k: str(v) for k, v in tags.items()})
         run = self.client.create_run(
             self.experiment_id, tags=all_tags, run_name=run_name or _default_child_name(stage, tags)
@@ -176,10 +200,6 @@ class Tracker:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
 
-BACKBONE = "r18"
-DESCRIPTION_TAG = "mlflow.note.content"
-
-
 def parent_run_name(label: str, epochs: Any, profile: str, external: bool = False) -> str:
     """``concl r18 ep400`` (``… demo`` on the demo profile): what the UI's run list shows."""
     words = [label, BACKBONE] if not external else [label]
@@ -192,10 +212,8 @@ def parent_run_name(label: str, epochs: Any, profile: str, external: bool = Fals
 
 def parent_description(cfg: Any, label: str, external: bool = False) -> str:
     """The parent's description (the UI's "Description" field): what this run is."""
-    from benchmark.config import config_hash
-
     ft = cfg.finetune
-    datasets = ", ".join(d.upper() if d != "glas" else "GlaS" for d in ft.datasets)
+    datasets = ", ".join(DATASET_TITLES[d] for d in ft.datasets)
     if external:
         source = f"Scores the external ResNet-18 weights `{label}`"
     elif label == "random":
@@ -219,11 +237,20 @@ def parent_description(cfg: Any, label: str, external: bool = False) -> str:
     )
 
 
+class ParentRun(NamedTuple):
+    """A benchmark's parent run and the tracker that writes it (a ``NullTracker`` and no id
+    off rank 0): what the stages of one benchmark hang their child runs under."""
+
+    tracker: Tracker
+    run_id: str | None
+
+
 def open_parent(
     cfg: Any,
     label: str | None = None,
     created_tags: Mapping[str, str] | None = None,
-) -> tuple[Tracker, str]:
+    world: World | None = None,
+) -> ParentRun:
     """The tracker and the parent run of ``cfg`` (a resolved experiment config).
 
     The parent is keyed by (``label`` or the method, hash of the whole config), so the
@@ -231,8 +258,8 @@ def open_parent(
     External weights pass a label naming their file's digest. ``created_tags`` go on the
     parent only if it is made here (an Optuna trial nests the parent it asked for).
     """
-    from benchmark.config import config_hash, pretrain_hash, to_yaml
-
+    if world is not None and not world.is_main:
+        return ParentRun(NullTracker(), None)
     t = cfg.tracking
     tracker = Tracker(t.experiment, t.uri, t.artifact_root)
     name = label or cfg.method.name
@@ -256,14 +283,12 @@ def open_parent(
         tracker.log_text(parent, to_yaml(cfg), "config.yaml")
         tracker.log_params(parent, compare_params(cfg))
     tracker.set_running(parent)
-    return tracker, parent
+    return ParentRun(tracker, parent)
 
 
 def compare_params(cfg: Any) -> dict[str, Any]:
     """The parent's params: what tells benchmarks apart in the UI's compare view (the
     method's hyperparameters, budget, batch, seeds); the whole config is ``config.yaml``."""
-    from benchmark.config import flatten, to_container
-
     resolved = to_container(cfg)
     params = flatten(resolved["method"], "method.")
     params.update(
@@ -278,3 +303,162 @@ def compare_params(cfg: Any) -> dict[str, Any]:
         }
     )
     return params
+
+
+class NullTracker(Tracker):
+    """The tracker of every rank but 0: each call does nothing, so stages need no rank checks."""
+
+    def __init__(self) -> None:  # no client, no store
+        self.uri, self.experiment_id = "", ""
+
+    def parent_run(self, *args: Any, **kwargs: Any) -> str | None:  # type: ignore[override]
+        return None
+
+    def child_run(self, *args: Any, **kwargs: Any) -> tuple[str | None, bool]:  # type: ignore[override]
+        return None, False
+
+    def status(self, run_id: str | None) -> str:
+        return ""
+
+    def set_running(self, run_id: str | None) -> None:
+        pass
+
+    def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        pass
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(
+        self, run_id: str | None, path: str | Path, artifact_path: str | None = None
+    ) -> None:
+        pass
+
+    def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        pass
+
+    def metric_history(self, run_id: str | None, key: str) -> list[tuple[int, float]]:
+        return []
+
+
+@dataclass
+class RunOutcome:
+    """How a stage ended when it returned normally: FINISHED, or KILLED when it stopped early
+    on purpose (an interruption test, a pruned trial)."""
+
+    status: str = "FINISHED"
+
+    def stopped(self) -> None:
+        self.status = "KILLED"
+
+
+@contextmanager
+def run_status(tracker: Tracker, run_id: str | None) -> Iterator[RunOutcome]:
+    """End ``run_id`` FINISHED (or as the body set it), KILLED on Ctrl-C, FAILED on an error."""
+    outcome = RunOutcome()
+    status = "FAILED"
+    try:
+        yield outcome
+        status = outcome.status
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if run_id is not None:
+            tracker.finish(run_id, status)
+
+
+class MlflowMetrics(Callback):
+    """Sends a training loop's metrics to one run: per epoch (pre-training) or per logging
+    window (fine-tuning, keys prefixed ``train_``), and the final metrics at ``final_step``."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        run_id: str | None,
+        per_epoch: bool,
+        prefix: str = "",
+        final_step: int = 0,
+    ) -> None:
+        self.tracker, self.run_id, self.per_epoch = tracker, run_id, per_epoch
+        self.prefix, self.final_step = prefix, final_step
+
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.per_epoch:
+            self.tracker.log_metrics(
+                self.run_id, {f"{self.prefix}{k}": v for k, v in metrics.items()}, step
+            )
+
+    def on_epoch_end(self, metrics: Mapping[str, float], epoch: int) -> None:
+        if self.per_epoch:
+            self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+
+    def on_done(self, metrics: Mapping[str, float]) -> None:
+        if metrics:
+            self.tracker.log_metrics(self.run_id, metrics, step=self.final_step)
+
+
+def open_pretrain_run(
+    tracker: Tracker, parent_id: str | None, cfg: Any, world: World, start_epoch: int
+) -> str | None:
+    """The pre-training child of ``parent_id`` (made with the config's params on first use),
+    marked running and tagged with the epoch it resumes from."""
+    digest = pretrain_hash(cfg)
+    child, created = tracker.child_run(
+        parent_id,
+        "pretrain",
+        {"method": cfg.method.name, "pretrain_hash": digest},
+        run_name=f"pretrain {cfg.method.name} ep{cfg.pretrain.epochs}",
+    )
+    if created:
+        o = cfg.optim
+        params = flatten({k: v for k, v in to_container(cfg).items() if k != "finetune"})
+        params.update(
+            {
+                "world_size": world.world_size,
+                "device": world.device.type,
+                "lr_scaled": scaled_lr(
+                    o.lr, cfg.pretrain.batch_size, o.reference_batch, o.scale_lr
+                ),
+                "pretrain_hash": digest,
+            }
+        )
+        tracker.log_params(child, params)
+        tracker.log_text(child, to_yaml(cfg), "config.yaml")
+    else:
+        tracker.set_running(child)
+    tracker.set_tags(
+        child, {"resumed_from_epoch": start_epoch, "last_world_size": world.world_size}
+    )
+    return child
+
+
+def open_finetune_run(
+    tracker: Tracker,
+    parent_id: str | None,
+    cfg: Any,
+    name: str,
+    seed: int,
+    weights: Any,
+    scored: bool,
+) -> tuple[str | None, bool]:
+    """The (dataset, seed) fine-tuning child of ``parent_id``; ``True`` when it had already
+    FINISHED and its metrics are on disk (``scored``): nothing to do. Otherwise it is marked
+    running (with its params on first use)."""
+    child, created = tracker.child_run(parent_id, "finetune", {"dataset": name, "seed": seed})
+    if created:
+        section = to_container(cfg)["finetune"]
+        params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
+        params.update(flatten(section[name], f"{name}."))
+        params.update({"weights": str(weights), "finetune_hash": finetune_hash(cfg)})
+        tracker.log_params(child, params)
+    elif scored and tracker.status(child) == "FINISHED":
+        return child, True
+    tracker.set_running(child)
+    return child, False

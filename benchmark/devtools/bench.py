@@ -30,6 +30,7 @@ from benchmark.config import load_config
 from benchmark.core.contracts import StepContext, World
 from benchmark.core.registry import get_method, registered_methods
 from benchmark.pretrain import Pretrainer, build_method
+from benchmark.training.loop import OnLog
 from benchmark.training.optim import build_optimizer
 from benchmark.training.progress import Progress
 
@@ -246,7 +247,7 @@ def bench_finetune(tmp: Path, warmup: int, steps: int) -> dict[str, float]:
         None,
         World(),
         tmp / "ft",
-        on_log=lambda m, it: rates.append(m["images_per_sec"]),
+        [OnLog(lambda m, it: rates.append(m["images_per_sec"]))],
     )
     harness = statistics.fmean(rates[1:]) if len(rates) > 1 else rates[0]
 

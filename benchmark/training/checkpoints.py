@@ -1,4 +1,5 @@
-"""Atomic checkpoints and the run folder of one (method, config hash)."""
+"""Atomic checkpoints, the run folder of one (method, config hash), and the one checkpoint
+manager both training stages save and resume through."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import torch
 
 from benchmark.core.errors import UserError
 
-_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pth$")
+#: ``<unit>_<n:07d>.pth``: ``epoch_0000002.pth`` (pre-training), ``iter_0000100.pth``
+#: (fine-tuning); the number is the count of units done.
+_NAME = "{unit}_{n:07d}.pth"
+#: Names written before the manager (``epoch_0002.pth``, ``model_0000100.pth``): still resumed.
+_LEGACY_UNITS = {"epoch": ("epoch",), "iter": ("model",)}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -51,18 +56,6 @@ def save_json(obj: Any, path: Path) -> None:
     atomic_write(path, write)
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return directory / f"epoch_{epoch:04d}.pth"
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint with the highest epoch number in ``directory``, if any."""
-    if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _EPOCH_FILE.match(p.name))]
-    return max(found)[1] if found else None
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -71,3 +64,44 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} cannot be read ({type(exc).__name__}); move it aside to resume "
             "from the previous one"
         ) from None
+
+
+class CheckpointManager:
+    """Checkpoints of one run folder, numbered by units done (epochs or iterations).
+
+    Only rank 0 writes (``writer=False`` elsewhere); every rank can find and load the newest,
+    so all processes resume from the same state.
+    """
+
+    def __init__(self, directory: Path, unit: str, writer: bool = True) -> None:
+        if unit not in _LEGACY_UNITS:
+            raise ValueError(f"unknown checkpoint unit {unit!r}; use one of {list(_LEGACY_UNITS)}")
+        self.directory, self.unit, self.writer = Path(directory), unit, writer
+        prefixes = "|".join((unit, *_LEGACY_UNITS[unit]))
+        self._pattern = re.compile(rf"(?:{prefixes})_(\d+)\.pth$")
+
+    def path(self, n: int) -> Path:
+        return self.directory / _NAME.format(unit=self.unit, n=n)
+
+    def found(self) -> list[tuple[int, Path]]:
+        """Every checkpoint in the folder (today's names and earlier ones), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        hits = []
+        for p in self.directory.iterdir():
+            m = self._pattern.match(p.name)
+            if m is not None:
+                hits.append((int(m.group(1)), p))
+        return sorted(hits)
+
+    def latest(self) -> Path | None:
+        found = self.found()
+        return found[-1][1] if found else None
+
+    def save(self, state: dict[str, Any], n: int) -> Path | None:
+        """Write ``state`` as checkpoint ``n`` (atomically; rank 0 only)."""
+        if not self.writer:
+            return None
+        path = self.path(n)
+        save_torch(state, path)
+        return path

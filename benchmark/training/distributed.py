@@ -9,6 +9,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from benchmark.core.contracts import World
 
@@ -59,3 +61,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def wrap_ddp(
+    model: nn.Module,
+    world: World,
+    *,
+    sync_bn: bool,
+    find_unused_parameters: bool,
+    broadcast_buffers: bool = True,
+) -> nn.Module:
+    """``model`` under DDP when the job has several processes (else ``model`` itself).
+
+    ``sync_bn`` converts BatchNorm to SyncBatchNorm first, on CUDA only: SyncBN has no CPU
+    kernel (gloo processes keep per-process statistics).
+    """
+    if not world.is_distributed:
+        return model
+    if sync_bn and world.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(
+        model,
+        device_ids=[world.device.index] if world.device.type == "cuda" else None,
+        broadcast_buffers=broadcast_buffers,
+        find_unused_parameters=find_unused_parameters,
+    )

@@ -1,37 +1,40 @@
-"""Fine-tune Mask R-CNN R18-FPN on one dataset with one seed, then score it (concl_spec §4).
+"""Fine-tune Mask R-CNN R18-FPN on one dataset with one seed, then score it.
 
-detectron2's "1x" recipe of the ConCL benchmark: SGD (momentum 0.9, weight decay 1e-4, none
-on norm parameters), LR 0.02 at 16 images scaled linearly to the actual batch, linear
-warm-up over 1000 iterations from 1e-3, steps x0.1, horizontal flips and shortest-edge
-multi-scale training, precise-BN before the single evaluation at the end.
+detectron2's "1x" recipe of the ConCL benchmark (TencentAILabHealthcare/ConCL
+``benchmarks/detection/configs/GlaS/GlaS_R_18_FPN_1x.yaml`` and ``Base-RCNN-FPN.yaml``, with
+facebookresearch/detectron2 ``detectron2/config/defaults.py`` for what they leave unset): SGD
+(momentum 0.9, weight decay 1e-4, none on norm parameters), LR 0.02 at 16 images scaled
+linearly to the actual batch, linear warm-up over 1000 iterations from 1e-3, steps x0.1,
+horizontal flips and shortest-edge multi-scale training, precise-BN (200 iterations) before
+the single evaluation at the end (``TEST.EVAL_PERIOD`` unset). The optimisation loop is the
+shared ``training.loop.TrainingLoop``.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from benchmark.config import ConfigError
 from benchmark.core.contracts import World
 from benchmark.data.seeding import mix_seed
-from benchmark.pretrain import TrainingDiverged
 from benchmark.training import checkpoints as ckpt
-from benchmark.training.distributed import barrier, seed_everything
+from benchmark.training.checkpoints import CheckpointManager
+from benchmark.training.distributed import barrier, seed_everything, wrap_ddp
+from benchmark.training.loop import Callback, TrainingLoop
 from benchmark.training.progress import main_printer
 
 FINETUNE_STREAM = 3
 METRICS_FILE = "metrics.json"
-_CKPT_PREFIX = "model_"
 
 
 @dataclass
@@ -84,15 +87,6 @@ def prepare_dataset_for(cfg: DictConfig, name: str, world: World) -> Path:
     return root
 
 
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out_dir.glob(f"{_CKPT_PREFIX}*.pth"):
-        digits = p.stem.removeprefix(_CKPT_PREFIX)
-        if digits.isdigit():
-            found.append((int(digits), p))
-    return sorted(found)
-
-
 def _stream(loader: DataLoader, sampler: DistributedSampler, start_epoch: int) -> Iterator[Any]:
     """Iteration-based training over an epoch-based loader (GlaS has 85 images)."""
     epoch = start_epoch
@@ -109,13 +103,14 @@ def finetune(
     weights: Path | None,
     world: World,
     out_dir: Path,
-    on_log: Callable[[dict[str, float], int], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     stop_after_iter: int | None = None,
 ) -> FinetuneResult:
     """Train and evaluate one (dataset, seed); resumes from ``out_dir``'s newest checkpoint.
 
-    ``on_log(metrics, iteration)`` receives the mean losses and LR every ``log_every``
-    iterations on rank 0 (the caller sends them to MLflow in one batch).
+    ``callbacks`` get the training loop's events: ``on_log`` every ``log_every`` iterations
+    with the losses averaged over the window and over processes, ``on_done`` with the COCO
+    metrics (the MLflow layer subscribes; off rank 0 its tracker does nothing).
     """
     from benchmark.data.coco import CocoInstances, collate
     from benchmark.transfer.evaluate import coco_ap, predict
@@ -123,10 +118,12 @@ def finetune(
     from benchmark.transfer.precise_bn import precise_bn
 
     if (out_dir / METRICS_FILE).is_file():
-        import json
-
         return FinetuneResult(json.loads((out_dir / METRICS_FILE).read_text()), out_dir, True)
     f, d = cfg.finetune, cfg.finetune[name]
+    if f.batch_size % world.world_size:
+        raise ConfigError(
+            f"finetune.batch_size={f.batch_size} does not split over {world.world_size} processes"
+        )
     root = prepare_dataset_for(cfg, name, world)
     say = main_printer(world)
 
@@ -145,30 +142,19 @@ def finetune(
     if weights is not None:
         load_backbone(model, weights)
     model.to(world.device)
-    net: nn.Module = model
-    if world.is_distributed:
-        if world.device.type == "cuda":  # SyncBN has no CPU kernel (peers.md §4)
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(
-            model,
-            device_ids=[world.device.index] if world.device.type == "cuda" else None,
-            find_unused_parameters=True,  # the mask head sees no RoI on some batches
-        )
-    if f.batch_size % world.world_size:
-        from benchmark.config import ConfigError
-
-        raise ConfigError(
-            f"finetune.batch_size={f.batch_size} does not split over {world.world_size} processes"
-        )
+    # Real BN in backbone and FPN, synchronised across GPUs; the mask head sees no RoI on
+    # some batches, hence find_unused_parameters.
+    net = wrap_ddp(model, world, sync_bn=True, find_unused_parameters=True)
     base_lr = f.lr * f.batch_size / f.reference_batch
     optimizer = torch.optim.SGD(
         param_groups(model, f.weight_decay), lr=base_lr, momentum=f.momentum
     )
 
+    checkpoints = CheckpointManager(out_dir, "iter", writer=world.is_main)
     start = 0
-    found = _checkpoints(out_dir)
-    if found:
-        state = ckpt.load_checkpoint(found[-1][1])
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
@@ -195,52 +181,48 @@ def finetune(
         )
     seed_everything(mix_seed(FINETUNE_STREAM, seed, world.rank + 1, start))
     stream = _stream(loader, sampler, start // len(loader))
-    autocast = f.amp_bf16
-    sums: dict[str, torch.Tensor] = {}
-    tic, logged_at = time.perf_counter(), start
-    net.train()
-    last = d.iterations if stop_after_iter is None else min(d.iterations, stop_after_iter)
-    for it in range(start, last):
-        lr = detection_lr(it, base_lr, f.warmup_iters, f.warmup_factor, list(d.steps), f.gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, targets = next(stream)
+
+    def forward(batch: Any, step: int) -> dict[str, torch.Tensor]:
+        images, targets = batch
         images = [img.to(world.device, non_blocking=True) for img in images]
         targets = [{k: _to(v, world.device) for k, v in t.items()} for t in targets]
-        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss_dict = net(images, targets)
-        loss = sum(loss_dict.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for k, v in {"loss": loss, **loss_dict}.items():
-            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-        done = it + 1
-        if done % f.log_every == 0 or done == last:
-            n = done - logged_at
-            means = {k: float(v) / n for k, v in sums.items()}
-            if not math.isfinite(means["loss"]):
-                raise TrainingDiverged(
-                    f"{name} seed {seed}: loss is {means['loss']} at iteration {done}; "
-                    "lower finetune.lr (checkpoints of earlier iterations are kept)"
-                )
-            rate = n * f.batch_size / (time.perf_counter() - tic)
-            means.update({"lr": lr, "images_per_sec": rate})
-            if world.is_main:
-                say(
-                    f"finetune {name} seed {seed} it {done}/{d.iterations} "
-                    f"loss {means['loss']:.4f} lr {lr:.4g} {rate:.1f} img/s"
-                )
-                if on_log is not None:
-                    on_log(means, done)
-            sums, tic, logged_at = {}, time.perf_counter(), done
-        if world.is_main and (done % f.checkpoint_every == 0 or done == last):
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": done,
-            }
-            ckpt.save_torch(state, out_dir / f"{_CKPT_PREFIX}{done:07d}.pth")
+        loss_dict = net(images, targets)
+        return {"loss": sum(loss_dict.values()), **loss_dict}
+
+    def diverged(value: float, step: int) -> str:
+        return (
+            f"{name} seed {seed}: loss is {value} at iteration {step + 1}; "
+            "lower finetune.lr (checkpoints of earlier iterations are kept)"
+        )
+
+    def state(done: int) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": done}
+
+    lines = _LogLines(say, f"finetune {name} seed {seed}", d.iterations)
+    loop = TrainingLoop(
+        world,
+        net,
+        optimizer,
+        lambda it: detection_lr(
+            it, base_lr, f.warmup_iters, f.warmup_factor, list(d.steps), f.gamma
+        ),
+        global_batch=f.batch_size,
+        log_every=f.log_every,
+        diverged=diverged,
+        amp_bf16=f.amp_bf16,
+        checkpoints=checkpoints,
+        callbacks=[lines, *callbacks],
+    )
+    net.train()
+    last = d.iterations if stop_after_iter is None else min(d.iterations, stop_after_iter)
+    loop.run(
+        stream,
+        range(start, last),
+        forward,
+        window=f.log_every,
+        checkpoint_every=f.checkpoint_every,
+        state=state,
+    )
     if last < d.iterations:
         barrier(world)
         return FinetuneResult({}, out_dir)
@@ -265,8 +247,22 @@ def finetune(
             f"==> finetune {name} seed {seed}: bbox AP {metrics['bbox_AP']:.1f}, "
             f"segm AP {metrics['segm_AP']:.1f}"
         )
+    loop.events.on_done(metrics)
     barrier(world)
     return FinetuneResult(metrics, out_dir)
+
+
+class _LogLines(Callback):
+    """One progress line per logging window (rank 0)."""
+
+    def __init__(self, say: Callable[[str], None], what: str, iterations: int) -> None:
+        self.say, self.what, self.iterations = say, what, iterations
+
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.say(
+            f"{self.what} it {step}/{self.iterations} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr']:.4g} {metrics['images_per_sec']:.1f} img/s"
+        )
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -79,11 +79,11 @@ def test_interrupted_fine_tuning_completes_only_the_missing_work(tmp_path: Path)
     cfg = tiny(tmp_path, "random", "finetune.seeds=1")
     assert run_benchmark(cfg, World(), stop_after_iter=2) == {}
     seed_dir = next((tmp_path / "out").rglob("seed1"))
-    assert (seed_dir / "model_0000002.pth").is_file()
+    assert (seed_dir / "iter_0000002.pth").is_file()
     assert not (seed_dir / "metrics.json").exists()
     summary = run_benchmark(cfg, World())
     assert "glas_bbox_AP_mean" in summary
-    assert (seed_dir / "model_0000004.pth").is_file()
+    assert (seed_dir / "iter_0000004.pth").is_file()
     runs = children("finetune")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss")

@@ -81,7 +81,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path: P
     cfg = tiny(tmp_path / "resumed", "tracking.experiment=b")
     first = run_pretrain(cfg, World(), stop_after_epoch=1)
     assert first.epochs_done == 1 and not first.backbone_path.exists()
-    assert (first.run_dir / "epoch_0001.pth").is_file()
+    assert (first.run_dir / "epoch_0000001.pth").is_file()
     resumed = run_pretrain(cfg, World())
     assert resumed.epochs_done == 2
 
@@ -145,12 +145,12 @@ def test_two_process_gloo_pretraining_keeps_ranks_in_sync(
 def test_unreadable_checkpoint_is_a_clear_error_and_is_kept(tiny, tmp_path: Path):
     cfg = tiny(tmp_path, "pretrain.epochs=3")
     first = run_pretrain(cfg, World(), stop_after_epoch=1)
-    broken = first.run_dir / "epoch_0002.pth"
+    broken = first.run_dir / "epoch_0000002.pth"
     broken.write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match=r"epoch_0002\.pth cannot be read .*move it aside"):
+    with pytest.raises(CheckpointError, match=r"epoch_0000002\.pth cannot be read .*move it aside"):
         run_pretrain(cfg, World())
     assert broken.read_bytes() == b"truncated"
-    assert (first.run_dir / "epoch_0001.pth").is_file()
+    assert (first.run_dir / "epoch_0000001.pth").is_file()
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path: Path):

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark.core.contracts import World
+from benchmark.training.checkpoints import CheckpointManager
+from benchmark.training.loop import Callback, TrainingDiverged, TrainingLoop
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float | None, float]] = []
+        self.logs: list[tuple[int, dict[str, float]]] = []
+        self.checkpoints: list[int] = []
+
+    def on_step_end(self, step: int, loss: float | None, lr: float) -> None:
+        self.steps.append((step, loss, lr))
+
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.logs.append((step, dict(metrics)))
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        self.checkpoints.append(step)
+
+
+def _loop(record: Record, log_every: int = 2, manager: CheckpointManager | None = None):
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loop = TrainingLoop(
+        World(),
+        model,
+        opt,
+        lambda step: 0.1 * (step + 1),
+        global_batch=4,
+        log_every=log_every,
+        diverged=lambda value, step: f"loss is {value} at step {step + 1}",
+        checkpoints=manager,
+        callbacks=[record],
+    )
+    return model, opt, loop
+
+
+def _forward(model: nn.Module):
+    # loss = w * x, gradient x: SGD makes w <- w - lr * x
+    def forward(x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        loss = model(x).sum()
+        return {"loss": loss, "twice": 2 * loss}
+
+    return forward
+
+
+def test_lr_step_window_means_and_checkpoints(tmp_path: Path):
+    record = Record()
+    manager = CheckpointManager(tmp_path, "iter")
+    model, opt, loop = _loop(record, manager=manager)
+    batches = [torch.ones(1, 1)] * 5
+    last = loop.run(
+        batches,
+        range(0, 5),
+        _forward(model),
+        window=3,
+        checkpoint_every=2,
+        state=lambda done: {"iteration": done, "w": model.weight.item()},
+    )
+    # w: 1 -> 0.9 -> 0.7 -> 0.4 -> 0.0 -> -0.5; each step's loss is w before the step
+    losses = [1.0, 0.9, 0.7, 0.4, 0.0]
+    assert [s for s, _, _ in record.steps] == [0, 1, 2, 3, 4]
+    assert [lr for _, _, lr in record.steps] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    # the loss is synced to the host every log_every steps of the window only
+    assert [loss for _, loss, _ in record.steps] == [
+        None,
+        pytest.approx(0.9),
+        None,
+        None,
+        pytest.approx(0.0, abs=1e-6),
+    ]
+    assert [step for step, _ in record.logs] == [3, 5]  # windows end at multiples of 3 and at 5
+    first, second = record.logs[0][1], record.logs[1][1]
+    assert first["loss"] == pytest.approx(sum(losses[:3]) / 3)
+    assert first["twice"] == pytest.approx(2 * sum(losses[:3]) / 3)
+    assert second["loss"] == pytest.approx(sum(losses[3:]) / 2)
+    assert first["lr"] == pytest.approx(0.3) and second["lr"] == pytest.approx(0.5)
+    assert first["images_per_sec"] > 0
+    assert last == second
+    assert model.weight.item() == pytest.approx(-0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    assert record.checkpoints == [2, 4, 5]
+    assert [n for n, _ in manager.found()] == [2, 4, 5]
+    assert torch.load(manager.path(4))["w"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resumed_range_and_batches_that_run_out():
+    record = Record()
+    model, _, loop = _loop(record)
+    # steps 7..9 of a run; windows of 4 counted from step 0 end after step 8 (done 8)
+    loop.run([torch.ones(1, 1)] * 3, range(7, 10), _forward(model), window=4)
+    assert [step for step, _ in record.logs] == [8, 10]
+    record.logs.clear()
+    loop.run([torch.ones(1, 1)] * 2, range(0, 10), _forward(model))  # only 2 batches
+    assert [step for step, _ in record.logs] == [2]
+
+
+def test_a_non_finite_loss_stops_with_the_stage_message():
+    record = Record()
+    model, _, loop = _loop(record, log_every=1)
+    with pytest.raises(TrainingDiverged, match=r"^loss is nan at step 2$"):
+        loop.run([torch.ones(1, 1), torch.full((1, 1), math.nan)], range(0, 2), _forward(model))
