@@ -6,7 +6,10 @@ from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-#: Stage names in the order the trunk computes them.
+#: Stage names in the order the trunk computes them. "stem" is conv1 → bn1 → relu *before*
+#: the max-pool (stride 2: 64×112×112 for ResNet-18 at 224 px), as the first output f1 of
+#: OpenSelfSup's ``ResNet.forward`` (TencentAILabHealthcare/ConCL
+#: ``openselfsup/models/backbones/resnet.py``), which ConCL's ``cluster_indice=0`` selects.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -31,12 +34,18 @@ class ResNetTrunk(resnet.ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward_stages(self, x: Tensor, stages: tuple[str, ...] = ("layer4",)) -> dict[str, Tensor]:
-        """Feature maps of the requested stages; stops after the deepest one asked for."""
+        """Feature maps of the requested stages; stops after the deepest one asked for.
+
+        "stem" is the map before the max-pool, so layer1 (after it) has half its size.
+        """
         out: dict[str, Tensor] = {}
         last = max(STAGES.index(s) for s in stages)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.bn1(self.conv1(x)))
         if "stem" in stages:
             out["stem"] = x
+        if last == 0:
+            return out
+        x = self.maxpool(x)
         for name in STAGES[1 : last + 1]:
             x = getattr(self, name)(x)
             if name in stages:

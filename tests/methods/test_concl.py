@@ -175,3 +175,36 @@ def test_every_ablation_file_changes_one_axis() -> None:
         assert len(changed) == 1, (path, changed)
     w05 = load_config("concl", "paper", config_files=(files[0].parent / "concl_w05.yaml",))
     assert w05.method.concept_weight == 0.5  # not the original file's 0.3
+
+
+def test_stem_concepts_cluster_the_pre_max_pool_map_and_pool_to_the_layer4_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # cluster_layer=stem (the ablation's f1): at 224 px ConCL clusters the 64×112×112 map
+    # before the max-pool, cuts it into each view and pools it to the 7×7 layer4 grid.
+    seen: dict[str, object] = {}
+    kmeans, match = concl_module.cosine_kmeans, concl_module.match_concepts
+
+    def record_kmeans(x: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+        seen["points"] = tuple(x.shape)
+        return kmeans(x, k, iters)
+
+    def record_match(
+        labels: torch.Tensor, boxes: torch.Tensor, num: int, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        seen["labels"], seen["grid"] = tuple(labels.shape), grid
+        return match(labels, boxes, num, grid)
+
+    monkeypatch.setattr(concl_module, "cosine_kmeans", record_kmeans)
+    monkeypatch.setattr(concl_module, "match_concepts", record_match)
+    torch.manual_seed(0)
+    cfg = ConCLConfig(
+        queue_size=8, num_concepts=K, concept_queue_size=16, warmup_epochs=1, cluster_layer="stem"
+    )
+    model = ConCL(cfg, BuildContext(World(), 224, 2, 2))
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(2, 3, 224, 224, generator=g) for _ in range(3)]
+    boxes = torch.tensor([[[0.0, 0.0, 0.8, 0.8, 0.0], [0.2, 0.2, 1.0, 1.0, 1.0]]] * 2)
+    out = model([*images, boxes], AFTER)
+    assert seen == {"points": (2, 112 * 112, 64), "labels": (2, 112, 112), "grid": (7, 7)}
+    assert torch.isfinite(out["loss"]) and float(out["concept_pairs"]) > 0
