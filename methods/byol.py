@@ -1,15 +1,16 @@
-"""BYOL (Grill et al. 2020) as configured in ConCL's NCT pre-training (spec §2).
+"""BYOL (Grill et al. 2020) as configured in ConCL's NCT pre-training.
 
-``configs/NCT_pretraining/byol/r18_bs1024_ep200.py``: ResNet-18 trunk with SyncBN over the
-global batch of 1024, projector and predictor ``NonLinearNeckV2`` (Linear-BN-ReLU-Linear,
-512→512→256 and 256→512→256), target network = EMA of trunk + projector with momentum
-0.996 → 1 on a per-iteration cosine (``BYOLHook``), symmetric loss. The engine supplies
-LARS (lr 0.2 at 1024, η 0.001, wd 1.5e-6, norms and biases excluded) and the 2-epoch
-warm-up then per-epoch cosine.
+TencentAILabHealthcare/ConCL ``configs/NCT_pretraining/byol/r18_bs1024_ep200.py``: ResNet-18
+trunk with SyncBN over the global batch of 1024, projector and predictor ``NonLinearNeckV2``
+(Linear-BN-ReLU-Linear, 512→512→256 and 256→512→256), target network = EMA of trunk +
+projector with momentum 0.996 → 1 on a per-iteration cosine (``BYOLHook``), symmetric loss.
+The engine supplies LARS (lr 0.2 at 1024, η 0.001, wd 1.5e-6, norms and biases excluded) and
+the 2-epoch warm-up then per-epoch cosine.
 
 The loss is BYOL's ``2 − 2cos`` averaged over the batch and summed over both view orders,
-in [0, 8]. OpenSelfSup's ``LatentPredictHead`` logs ``−2·Σcos/N`` per direction, i.e. this
-value less 4; the gradients are the same.
+in [0, 8]. The original logs ``−2·Σcos/N`` per direction (OpenSelfSup's
+``LatentPredictHead``), summed over the two orders (``BYOL.forward_train``), in [−4, 4]:
+this value less 4 (2 per direction); the gradients are the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from methods.shuffle_bn import convert_split_bn
 
 @dataclass
 class BYOLConfig(MethodConfig):
-    """Model part of ``byol/r18_bs1024_ep200.py`` (spec §2)."""
+    """Model part of ConCL's ``configs/NCT_pretraining/byol/r18_bs1024_ep200.py``."""
 
     name: str = "byol"
     depth: int = 18
