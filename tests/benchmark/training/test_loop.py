@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from benchmark.core.contracts import World
@@ -112,3 +114,35 @@ def test_a_non_finite_loss_stops_with_the_stage_message():
     model, _, loop = _loop(record, log_every=1)
     with pytest.raises(TrainingDiverged, match=r"^loss is nan at step 2$"):
         loop.run([torch.ones(1, 1), torch.full((1, 1), math.nan)], range(0, 2), _forward(model))
+
+
+def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        record = Record()
+        model = nn.Linear(1, 1, bias=False)
+        nn.init.constant_(model.weight, 1.0)
+        loop = TrainingLoop(
+            World(rank=rank, world_size=2),
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            lambda step: 0.0,
+            global_batch=2,
+            log_every=1,
+            diverged=lambda value, step: "diverged",
+            callbacks=[record],
+        )
+        # rank r sees x = r + 1 at every step: its loss is r + 1 (w stays 1 at lr 0)
+        loop.run([torch.full((1, 1), rank + 1.0)] * 2, range(0, 2), _forward(model), window=2)
+        torch.save(record.logs, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_window_means_are_averaged_over_processes(tmp_path: Path):
+    mp.spawn(_two_process_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        logs = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [step for step, _ in logs] == [2]
+        assert logs[0][1]["loss"] == pytest.approx((1.0 + 2.0) / 2)  # every rank logs the mean
+        assert logs[0][1]["twice"] == pytest.approx(3.0)
