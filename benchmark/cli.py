@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
 
-    from benchmark.tune import add_tune_parser
+    from benchmark.tune.cli import add_tune_parser
 
     add_tune_parser(sub)
 
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         if args.command == "tune":
-            from benchmark.tune import tune_command
+            from benchmark.tune.cli import tune_command
 
             return tune_command(args)
     except KeyboardInterrupt:

@@ -20,11 +20,12 @@ import difflib
 import hashlib
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from benchmark.core.contracts import MethodConfig
@@ -225,14 +226,26 @@ def _schema(method: str) -> DictConfig:
     return schema
 
 
-def _explain(exc: OmegaConfBaseException, node: DictConfig, source: str) -> ConfigError:
+def _did_you_mean(leaf: str, known: list[str], parent: str, qualified: bool) -> str:
+    hint = difflib.get_close_matches(leaf, known, n=1)
+    if not hint:
+        return ""
+    return f"; did you mean '{parent + '.' if parent and qualified else ''}{hint[0]}'?"
+
+
+def explain(
+    exc: OmegaConfBaseException, node: DictConfig, source: str, qualified: bool = True
+) -> ConfigError:
+    """One line naming ``source``, the dotted key and, for an unknown key, the closest known
+    one (the full dotted key, or only its last part when ``qualified`` is False)."""
     key = getattr(exc, "full_key", None) or "?"
     if isinstance(exc, ConfigKeyError):
         parent, _, leaf = key.rpartition(".")
         siblings = OmegaConf.select(node, parent) if parent else node
-        known = list(siblings.keys()) if isinstance(siblings, DictConfig) else []
-        hint = difflib.get_close_matches(leaf, known, n=1)
-        suggestion = f"; did you mean '{parent + '.' if parent else ''}{hint[0]}'?" if hint else ""
+        if not isinstance(siblings, DictConfig):  # a key holding dots, or a layer's new entry
+            siblings = exc.parent_node
+        known = [str(k) for k in siblings] if isinstance(siblings, DictConfig) else []
+        suggestion = _did_you_mean(leaf, known, parent, qualified)
         return ConfigError(f"{source}: unknown config key '{key}'{suggestion}")
     if isinstance(exc, ValidationError):
         detail = str(exc).splitlines()[0]
@@ -240,14 +253,20 @@ def _explain(exc: OmegaConfBaseException, node: DictConfig, source: str) -> Conf
     return ConfigError(f"{source}: invalid config at '{key}': {str(exc).splitlines()[0]}")
 
 
-def _merge(base: DictConfig, layer: DictConfig | dict[str, Any], source: str) -> DictConfig:
+def merge(
+    base: DictConfig, layer: DictConfig | dict[str, Any], source: str, qualified: bool = True
+) -> DictConfig:
+    """``layer`` merged onto ``base`` (a structured config); a misfit raises ``explain``'s
+    one-line ConfigError naming ``source``."""
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise _explain(exc, base, source) from None
+        raise explain(exc, base, source, qualified) from None
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig:
+    """A YAML mapping, read by OmegaConf (whose YAML reads ``1e-3`` as a float; PyYAML does
+    not); a missing file, bad YAML or a non-mapping is a one-line ConfigError."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -258,6 +277,26 @@ def _load_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: a config file must be a mapping of keys")
     return loaded
+
+
+def select_leaf(cfg: DictConfig, key: str, source: str) -> Any:
+    """The value at dotted ``key`` of ``cfg``; an unknown key is worded like ``explain``'s
+    (with the closest known key), and a key naming a section is refused."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            known = [str(k) for k in node] if isinstance(node, DictConfig) else []
+            suggestion = _did_you_mean(part, known, ".".join(parts[:i]), qualified=True)
+            raise ConfigError(f"{source}: unknown config key '{key}'{suggestion}")
+        node = node[part]
+    if isinstance(node, DictConfig):
+        raise ConfigError(f"{source}: '{key}' is a config section; name one of its keys")
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, ListConfig) else node
+
+
+# The former private names, kept for callers that still use them.
+_explain, _merge, _load_yaml = explain, merge, load_yaml
 
 
 def resolve_profile(profile: str) -> tuple[str, str]:
@@ -285,8 +324,13 @@ def load_config(
     config_files: tuple[str | Path, ...] = (),
     overrides: tuple[str, ...] = (),
     announce: bool = True,
+    extra_layers: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> DictConfig:
-    """The resolved, validated config for ``method`` (see the module docstring for layering)."""
+    """The resolved, validated config for ``method`` (see the module docstring for layering).
+
+    ``extra_layers`` are ``(source, nested mapping)`` pairs merged after the ``--config`` files and
+    before the overrides (a tuning study's fixed budget); their errors name ``source``.
+    """
     cfg = _schema(method)
     concrete, why = resolve_profile(profile)
     if announce:
@@ -297,9 +341,11 @@ def load_config(
         layers.append(root / concrete / f"{method}.yaml")
     for path in layers:
         if path.is_file():
-            cfg = _merge(cfg, _load_yaml(path), str(path))
+            cfg = merge(cfg, load_yaml(path), str(path))
     for path in config_files:
-        cfg = _merge(cfg, _load_yaml(Path(path)), str(path))
+        cfg = merge(cfg, load_yaml(Path(path)), str(path))
+    for source, layer in extra_layers:
+        cfg = merge(cfg, dict(layer), source)
     if overrides:
         malformed = [o for o in overrides if "=" not in o or o.startswith("=")]
         if malformed:
@@ -308,7 +354,7 @@ def load_config(
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line: cannot parse overrides: {exc}") from None
-        cfg = _merge(cfg, dotlist, "command line")
+        cfg = merge(cfg, dotlist, "command line")
     cfg.profile = concrete
     if cfg.method.name != method:
         raise ConfigError(
