@@ -11,6 +11,7 @@ from pathlib import Path
 
 from benchmark import __version__
 from benchmark.core.errors import UserError, one_line
+from benchmark.core.schema import DATASETS
 
 
 def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -> None:
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser(
         "prepare", help="convert a GlaS or CRAG release (or accept a COCO folder) for fine-tuning"
     )
-    prep.add_argument("dataset", choices=["glas", "crag"])
+    prep.add_argument("dataset", choices=list(DATASETS))
     prep.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
     check = data_sub.add_parser(
         "check", help="validate a prepared dataset and list every problem by file"
@@ -264,7 +265,7 @@ def _data_prepare_or_check(args: argparse.Namespace) -> int:
     from benchmark.training.distributed import init_world
     from benchmark.transfer.finetune import prepare_dataset_for
 
-    if args.data_command == "check" and args.dataset not in ("glas", "crag"):
+    if args.data_command == "check" and args.dataset not in DATASETS:
         root = Path(args.dataset)
     else:
         cfg = load_config("random", args.profile)

@@ -152,7 +152,7 @@ def _crag() -> DetectionDataConfig:
 class FinetuneConfig:
     """Mask R-CNN R18-FPN fine-tuning, detectron2's "1x" recipe of the ConCL benchmark."""
 
-    datasets: list[str] = field(default_factory=lambda: ["glas", "crag"])
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     seeds: int = 5
     #: Images per iteration over all processes (IMS_PER_BATCH).
     batch_size: int = 16
@@ -459,6 +459,11 @@ def config_hash(cfg: DictConfig, sections: tuple[str, ...] | None = None) -> str
 def pretrain_hash(cfg: DictConfig) -> str:
     """The hash that keys a pre-training run: changing fine-tuning keys reuses it."""
     return config_hash(cfg, PRETRAIN_SECTIONS)
+
+
+def finetune_hash(cfg: DictConfig) -> str:
+    """What the transfer stage computes: the ``finetune`` section without execution keys."""
+    return config_hash(cfg, ("finetune",))
 
 
 def digest(tree: Any) -> str:

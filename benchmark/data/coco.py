@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from benchmark.core.errors import with_type as _one_line
 from benchmark.data.markers import MARKER_NAME, read_marker
 from benchmark.data.pretrain import IMAGE_EXTENSIONS, DatasetError
 
@@ -64,10 +65,6 @@ class _Pair(NamedTuple):
     subset: str  # GlaS: train / testA / testB; CRAG: train / valid
     image: Path
     anno: Path
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _numeric_key(path: Path) -> tuple[str, int, str]:
@@ -182,23 +179,26 @@ def _is_coco(root: Path) -> bool:
     return all((root / "annotations" / f"{s}.json").is_file() for s in SPLITS)
 
 
+def _read_or_note(path: Path, read: Callable[[Path], Any], what: str, problems: list[str]) -> Any:
+    """``read(path)``, or None with a problem line when the file is empty or unreadable."""
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("empty file")
+        return read(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        problems.append(f"{path}: unreadable {what} ({_one_line(exc)})")
+        return None
+
+
 def _check_pairs(pairs: Iterable[_Pair]) -> list[str]:
     """Per pair: both files readable and not empty, same size, at least one instance."""
-    problems = []
+    problems: list[str] = []
     for pair in pairs:
-        try:
-            if pair.image.stat().st_size == 0:
-                raise ValueError("empty file")
-            size = _read_size(pair.image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            problems.append(f"{pair.image}: unreadable image ({_one_line(exc)})")
+        size = _read_or_note(pair.image, _read_size, "image", problems)
+        if size is None:
             continue
-        try:
-            if pair.anno.stat().st_size == 0:
-                raise ValueError("empty file")
-            ids = read_instance_map(pair.anno)
-        except (OSError, SyntaxError, ValueError) as exc:
-            problems.append(f"{pair.anno}: unreadable annotation ({_one_line(exc)})")
+        ids = _read_or_note(pair.anno, read_instance_map, "annotation", problems)
+        if ids is None:
             continue
         if ids.shape != size:
             problems.append(
