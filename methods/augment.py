@@ -1,4 +1,7 @@
-"""Per-view augmentations of spec §3.2, on PIL images (torchvision v1 transforms).
+"""Per-view augmentations of ConCL's NCT pre-training configs, on PIL images.
+
+The ``train_pipeline`` of each method's ``configs/NCT_pretraining/<method>/`` file in
+TencentAILabHealthcare/ConCL (OpenSelfSup pipelines), with torchvision v1 transforms.
 
 Each method builds its views from these pieces; a new recipe (MoCo-v1, SimCLR, BYOL) is one
 more ``*_view`` function returning a ``transforms.Compose``.
@@ -44,7 +47,7 @@ def normalize() -> Callable[[Image.Image], Tensor]:
 
 
 def moco_v2_view(image_size: int) -> transforms.Compose:
-    """One MoCo-v2 / DenseCL view (spec §3.2; OpenSelfSup ``moco_v2`` pipeline)."""
+    """One MoCo-v2 / DenseCL view (OpenSelfSup ``moco_v2`` pipeline of ConCL's NCT configs)."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
@@ -58,7 +61,7 @@ def moco_v2_view(image_size: int) -> transforms.Compose:
 
 
 def moco_v1_view(image_size: int) -> transforms.Compose:
-    """One MoCo-v1 view (spec §3.2; OpenSelfSup ``moco_v1`` pipeline).
+    """One MoCo-v1 view (OpenSelfSup ``moco_v1`` pipeline of ConCL's NCT MoCo-v1 config).
 
     Unlike MoCo-v2: grayscale comes before the jitter, the jitter (hue 0.4) is always
     applied, and there is no blur.
@@ -90,7 +93,7 @@ def center_view(image_size: int) -> transforms.Compose:
 
 
 def simclr_view(image_size: int) -> transforms.Compose:
-    """One SimCLR view (spec §3.2; the ``train_pipeline`` of ConCL's NCT SimCLR config).
+    """One SimCLR view (the ``train_pipeline`` of ConCL's NCT SimCLR config).
 
     Unlike MoCo-v2: the crop scale starts at 0.08, the flip comes second, and the jitter is
     stronger (0.8, 0.8, 0.8, 0.2).
@@ -108,7 +111,7 @@ def simclr_view(image_size: int) -> transforms.Compose:
 
 
 def byol_views(image_size: int) -> list[transforms.Compose]:
-    """BYOL's two asymmetric views (spec §3.2; ``train_pipeline1/2`` of ConCL's NCT BYOL config).
+    """BYOL's two asymmetric views (``train_pipeline1/2`` of ConCL's NCT BYOL config).
 
     Both: bicubic crop with scale from 0.08, flip second, jitter (0.4, 0.4, 0.2, 0.1) with
     p 0.8, grayscale 0.2. They differ only in blur (p 1.0 / 0.1) and solarisation (p 0.0 /

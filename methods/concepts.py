@@ -1,8 +1,10 @@
-"""ConCL's concepts, vectorised over images and concepts (spec §1.3–1.5).
+"""ConCL's concepts, vectorised over images and concepts.
 
-The original loops in Python over images (view matching) and over images × concepts
-(prototype pairing); here every step is a batched tensor operation with the same result:
-no host synchronisation and no loop longer than the k-means iterations.
+The released code (TencentAILabHealthcare/ConCL ``openselfsup/models/concl.py``:
+``batch_cosine_KMeans``, ``match_views_avg_pool``, ``get_paired_prototypes`` and the
+concept enqueue of ``forward_train``) loops in Python over images (view matching) and over
+images × concepts (prototype pairing); here every step is a batched tensor operation with
+the same result: no host synchronisation and no loop longer than the k-means iterations.
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ def paired_prototypes(
 def sample_or_pad(valid: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Indices of ``n`` valid rows to enqueue, and which of them are valid.
 
-    ConCL enqueues a fixed number of key prototypes per process and step (spec §1.5): a
-    random subset without replacement when there are at least ``n`` valid ones, else all
-    of them followed by random duplicates. Unlike the original (which came up short when
+    ConCL enqueues a fixed number of key prototypes per process and step (K·B, or 4·B when
+    K > 8; ``num_sampled_protos`` in the released ``forward_train``): a random subset
+    without replacement when there are at least ``n`` valid ones, else all of them
+    followed by random duplicates. Unlike the original (which came up short when
     fewer than n/2 were valid and then let zero rows of the padded all-gather into the
     queue) the count is always ``n``; the returned mask is False only when no row at all is
     valid, and the queue skips those rows.

@@ -1,4 +1,6 @@
-"""ConCL (Yang et al., ECCV 2022): contrastive learning of per-image concepts (spec §1).
+"""ConCL (Yang et al., ECCV 2022): contrastive learning of per-image concepts.
+
+The released model is TencentAILabHealthcare/ConCL ``openselfsup/models/concl.py``.
 
 MoCo-v2 for ``warmup_epochs``; then, every step, the momentum encoder's ``cluster_layer``
 map of a clean reference view (the union of the two crops) is clustered per image into K
@@ -8,8 +10,10 @@ prototype. These go through the shared MLP head and an InfoNCE against a separat
 queue. Loss ``w · concept + (1 − w) · instance`` (w = 1 in the paper).
 
 Deviation, on purpose: the released code pools key prototypes from the *shuffled* key
-feature map (spec §1.6-1), so prototype b pairs with a random other image. Here the map is
-un-shuffled first; ``reproduce_shuffle_bug=true`` restores the released behaviour.
+feature map (``pre_gap_k`` is computed on the shuffled key batch and handed to
+``get_paired_prototypes`` as is; only the pooled key ``k`` is un-shuffled), so prototype b
+pairs with a random other image, even on one GPU. Here the map is un-shuffled first;
+``reproduce_shuffle_bug=true`` restores the released behaviour.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from methods.reference_view import ConceptViews
 
 @dataclass
 class ConCLConfig(MoCoV2Config):
-    """``configs/NCT_pretraining/concl/r18_bs256_ep200.py`` (spec §1.1); τ applies to the
+    """ConCL's ``configs/NCT_pretraining/concl/r18_bs256_ep200.py``; τ applies to the
     instance loss, ``concept_temperature`` to the concept loss (both 0.2 in the paper)."""
 
     name: str = "concl"
@@ -48,7 +52,7 @@ class ConCLConfig(MoCoV2Config):
     concept_queue_size: int = 16384
     #: Epochs of instance-only training before the concept loss starts (``ConCLHook``).
     warmup_epochs: int = 20
-    #: Pool key prototypes from the shuffled key map, as the released code (spec §1.6-1).
+    #: Pool key prototypes from the shuffled key map, as the released code (module docstring).
     reproduce_shuffle_bug: bool = False
 
     def problems(self) -> list[str]:
@@ -84,7 +88,8 @@ class ConCL(MoCoV2):
         super().__init__(cfg, build)
         self.concept_queue = MemoryQueue(cfg.concept_queue_size, cfg.feat_dim)
         batch = build.local_batch_size
-        # Key prototypes enqueued per process and step (spec §1.5): K·B, or 4·B when K > 8.
+        # Key prototypes enqueued per process and step: K·B, or 4·B when K > 8
+        # (``num_sampled_protos`` in the released ``forward_train``).
         self.prototypes_per_step = min(
             cfg.num_concepts * batch if cfg.num_concepts <= 8 else 4 * batch,
             cfg.concept_queue_size,

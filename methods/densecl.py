@@ -1,5 +1,6 @@
-"""DenseCL (Wang et al. 2021) as configured in ConCL's NCT pre-training (spec §2).
+"""DenseCL (Wang et al. 2021) as configured in ConCL's NCT pre-training.
 
+TencentAILabHealthcare/ConCL ``configs/NCT_pretraining/densecl/r18_bs256_ep200.py``:
 MoCo-v2 plus a dense branch: a 1×1-conv projector on the layer4 grid, each query cell's
 positive is the key cell whose *backbone* feature is most similar (arg-max), and the
 negatives are a second queue of average-pooled dense key projections. The loss is

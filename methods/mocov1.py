@@ -1,5 +1,6 @@
-"""MoCo-v1 (He et al. 2020) as configured in ConCL's NCT pre-training (spec §2).
+"""MoCo-v1 (He et al. 2020) as configured in ConCL's NCT pre-training.
 
+TencentAILabHealthcare/ConCL ``configs/NCT_pretraining/moco_v1/r18_bs256_ep200.py``:
 MoCo-v2's machinery (queue 16384, momentum 0.999, shuffle-BN) with MoCo-v1's linear head
 512→128, τ 0.07 and MoCo-v1 augmentations. The step LR decay (×0.1 at epochs 120 and 160)
 is the engine's, set in ``experiments/paper/mocov1.yaml``.

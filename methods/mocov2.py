@@ -1,5 +1,6 @@
-"""MoCo-v2 (Chen et al. 2020) as configured in ConCL's NCT pre-training (spec §2).
+"""MoCo-v2 (Chen et al. 2020) as configured in ConCL's NCT pre-training.
 
+TencentAILabHealthcare/ConCL ``configs/NCT_pretraining/moco_v2/r18_bs256_ep200.py``:
 ResNet-18, MLP head 512→512→128, queue 16384, momentum 0.999, τ 0.2, shuffle-BN. The
 engine supplies SGD (lr 0.03, momentum 0.9, wd 1e-4) and the per-epoch cosine schedule.
 """
@@ -49,7 +50,9 @@ class MoCoEncoding:
 
 @dataclass
 class MoCoConfig(MethodConfig):
-    """What the MoCo family shares (spec §2); each version adds its head's widths and name."""
+    """What the MoCo family shares in ConCL's NCT configs (``moco_v1``, ``moco_v2``,
+    ``densecl``, ``concl``): R18, queue 16384, momentum 0.999, shuffle-BN. Each version
+    adds its head's widths, τ and name."""
 
     depth: int = 18
     feat_dim: int = 128

@@ -1,11 +1,13 @@
 """PCL-v2 (Li et al., ICLR 2021): MoCo-v2 plus ProtoNCE against dataset-wide k-means prototypes.
 
-The original benchmark trained PCL-v2 with the official code (salesforce/PCL ``main_pcl.py``,
-``pcl/builder.py``) and left no config (spec §2); this plugin follows that code. MoCo-v2
+The original benchmark trained PCL-v2 with the official code (salesforce/PCL
+``main_pcl.py``, ``pcl/builder.py``) and left no config: TencentAILabHealthcare/ConCL has no
+PCL model or config, only ``benchmarks/detection/convert-pretrain-to-detectron2_pcl.py``,
+which reads PCL's ``module.encoder_q.*`` keys. This plugin follows that code. MoCo-v2
 (τ 0.2, momentum 0.999, queue 16384, MLP head, shuffle-BN, MoCo-v2 views) trains alone for
 ``warmup_epochs``. From then on every epoch starts with a pass over the training set
-(``on_dataset_pass``): the momentum encoder, in eval mode, embeds every center-cropped image;
-the features are k-means clustered M times (M cluster counts) and each cluster gets a
+(``on_dataset_pass``): the momentum encoder, in eval mode, embeds every center-cropped
+image; the features are k-means clustered M times (M cluster counts) and each cluster gets a
 concentration φ. The loss adds ProtoNCE, averaged over the M clusterings, to InfoNCE: each
 query's positive is its image's prototype, the negatives ``r`` prototypes no query of the
 batch is assigned to, and every logit is divided by its prototype's φ.

@@ -2,7 +2,9 @@
 
 ConCL clusters one clean view that contains both crops, then cuts the clustering into each
 crop. For that every crop must carry where it came from: its box (top, left, height, width
-in original pixels) and whether it was flipped (the SCRL bookkeeping of spec §1.2). The
+in original pixels) and whether it was flipped (ConCL's ``with_trans_info`` transforms,
+``openselfsup/datasets/pipelines/transforms_with_info.py`` of TencentAILabHealthcare/ConCL,
+borrowed from kakaobrain/scrl ``augment/transforms.py``). The
 reference view is the enclosing box of the two crops, cut from the un-augmented image and
 resized bicubically; each view's box is then expressed in fractions of that union box.
 """
@@ -64,7 +66,8 @@ class ConceptViews:
     """Per-sample transform: ``[view_q, view_k, reference, boxes]``.
 
     ``boxes`` is a (2, 5) float tensor, one ``relative_box`` row per view. The views follow
-    ConCL's pipeline (spec §3.2): RandomResizedCrop(scale 0.2–1, bilinear), colour jitter
+    ConCL's NCT pipeline (``configs/NCT_pretraining/concl/r18_bs256_ep200.py``):
+    RandomResizedCrop(scale 0.2–1, bilinear), colour jitter
     (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, blur p 0.5, then a recorded horizontal
     flip. Photometric operations do not move pixels, so they leave the boxes unchanged.
     """

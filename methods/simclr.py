@@ -1,5 +1,6 @@
-"""SimCLR (Chen et al. 2020) as configured in ConCL's NCT pre-training (spec §2).
+"""SimCLR (Chen et al. 2020) as configured in ConCL's NCT pre-training.
 
+TencentAILabHealthcare/ConCL ``configs/NCT_pretraining/simclr/r18_bs1024_ep200.py``:
 ResNet-18, projector 512→512 (no bias)-BN-ReLU-512→128 (no bias)-BN, NT-Xent with τ 0.1
 over the 2N views of the global batch, BatchNorm over the whole batch (SyncBN). The engine
 supplies LARS (lr 0.6 at batch 1024, momentum 0.9, η 0.001, wd 1e-6; BN parameters and
@@ -36,7 +37,7 @@ from methods.param_groups import exclude_norm_and_bias
 
 @dataclass
 class SimCLRConfig(MethodConfig):
-    """``configs/NCT_pretraining/simclr/r18_bs1024_ep200.py`` of the original (spec §2)."""
+    """``configs/NCT_pretraining/simclr/r18_bs1024_ep200.py`` of TencentAILabHealthcare/ConCL."""
 
     name: str = "simclr"
     depth: int = 18
@@ -143,5 +144,6 @@ class SimCLR(Method):
         return self.encoder["backbone"]
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """BN parameters and biases: no weight decay and no LARS adaptation (spec §2)."""
+        """BN parameters and biases: no weight decay and no LARS adaptation (the
+        ``paramwise_options`` of ConCL's NCT SimCLR config)."""
         return exclude_norm_and_bias(self)

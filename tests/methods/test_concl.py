@@ -63,7 +63,8 @@ def test_registered_with_paper_defaults() -> None:
     assert (cfg.concept_weight, cfg.temperature, cfg.concept_temperature) == (1.0, 0.2, 0.2)
     assert (cfg.queue_size, cfg.concept_queue_size, cfg.momentum) == (16384, 16384, 0.999)
     assert (cfg.warmup_epochs, cfg.reproduce_shuffle_bug, cfg.shuffle_bn) == (20, False, True)
-    # spec §1.5: K·B key prototypes per process and step, or 4·B when K > 8
+    # K·B key prototypes per process and step, or 4·B when K > 8 (``num_sampled_protos`` in
+    # TencentAILabHealthcare/ConCL openselfsup/models/concl.py)
     assert _build(num_concepts=8, concept_queue_size=64).prototypes_per_step == 8 * BATCH
     assert _build(num_concepts=12, concept_queue_size=64).prototypes_per_step == 4 * BATCH
 
@@ -168,7 +169,9 @@ def test_config_layers_and_errors() -> None:
 def test_every_ablation_file_changes_one_axis() -> None:
     base = load_config("concl", "paper", announce=False).method
     files = sorted(Path("experiments/paper/ablations").glob("concl_*.yaml"))
-    assert len(files) == 15  # K: 6, w: 5, clustering layer: 4 (spec §1.7)
+    # TencentAILabHealthcare/ConCL configs/NCT_pretraining/concl/ablation/: concept_num_k*
+    # (K: 6), concept_weight_* (w: 5), groupping_indice_f_{1,2,3,5} (clustering layer: 4)
+    assert len(files) == 15
     for path in files:
         method = load_config("concl", "paper", config_files=(path,), announce=False).method
         changed = {k for k in base if base[k] != method[k]}
