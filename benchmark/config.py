@@ -405,11 +405,15 @@ def validate(cfg: DictConfig) -> None:
                 f"{prefix}.steps must be increasing and inside (0, {prefix}.iterations)",
             ),
         ]
-    method_cfg = get_method(cfg.method.name).config_class(**to_container(cfg.method))
-    checks += [(False, f"method.{problem}") for problem in method_cfg.problems()]
+    checks += [(False, f"method.{problem}") for problem in method_config(cfg).problems()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def method_config(cfg: DictConfig) -> MethodConfig:
+    """The method's typed config (its ``config_class``) from the resolved ``cfg.method``."""
+    return get_method(cfg.method.name).config_class(**to_container(cfg.method))
 
 
 def check_layout(cfg: DictConfig, world_size: int) -> None:
@@ -451,6 +455,11 @@ def config_hash(cfg: DictConfig, sections: tuple[str, ...] | None = None) -> str
     tree = to_container(cfg)
     for key in UNHASHED_KEYS:
         _drop(tree, key)
+    revision = method_config(cfg).revision()
+    if revision:  # absent at 0, so the hashes of unrevised configs stay as they were
+        tree["method_revision"] = revision
+        if sections is not None:
+            sections = (*sections, "method_revision")
     if sections is not None:
         tree = {k: v for k, v in tree.items() if k in sections}
     return digest(tree)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from benchmark.config import check_layout, pretrain_hash, to_container, to_yaml
+from benchmark.config import check_layout, method_config, pretrain_hash, to_yaml
 from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
 from benchmark.data.pretrain import PretrainImageDataset
@@ -80,8 +80,7 @@ def build_method(cfg: DictConfig, world: World) -> Method:
         bn_batch_size=min(p.bn_batch_size, local_batch),
     )
     seed_everything(p.seed)
-    method_cfg = method_cls.config_class(**to_container(cfg.method))
-    return method_cls(method_cfg, build)
+    return method_cls(method_config(cfg), build)
 
 
 def build_loader(

@@ -55,6 +55,10 @@ class ConCLConfig(MoCoV2Config):
     #: Pool key prototypes from the shuffled key map, as the released code (module docstring).
     reproduce_shuffle_bug: bool = False
 
+    def revision(self) -> int:
+        # 1: 'stem' is the map before the max-pool (f1 of the original), not after it.
+        return 1 if self.cluster_layer == "stem" else 0
+
     def problems(self) -> list[str]:
         problems = []
         if self.num_concepts < 2:

@@ -86,3 +86,8 @@ class MethodConfig:
     def problems(self) -> list[str]:
         """Values the types allow but the method cannot use, as ``key must ...`` lines."""
         return []
+
+    def revision(self) -> int:
+        """Bumped when the code computes something else for the same values (a fidelity fix):
+        a non-zero revision enters the config hash, so runs made before are not reused."""
+        return 0

@@ -149,3 +149,22 @@ def test_layout_accepts_groups_larger_than_a_process_share():
     # 8 processes x 16 images: BN groups shrink to the 16 images a process holds
     config_mod.check_layout(demo("pretrain.batch_size=128", "pretrain.bn_batch_size=32"), 8)
     config_mod.check_layout(demo("pretrain.batch_size=256", "pretrain.bn_batch_size=32"), 1)
+
+
+def test_a_method_revision_enters_the_hash_and_only_where_set():
+    from benchmark.config import digest, pretrain_hash, to_container
+
+    def plain(cfg, sections):  # the hash as it was before revisions existed
+        tree = to_container(cfg)
+        for key in config_mod.UNHASHED_KEYS:
+            config_mod._drop(tree, key)
+        return digest({k: v for k, v in tree.items() if k in sections})
+
+    default = load_config("concl", "paper", announce=False)
+    assert pretrain_hash(default) == plain(default, config_mod.PRETRAIN_SECTIONS)
+    stem = load_config("concl", "paper", overrides=("method.cluster_layer=stem",), announce=False)
+    assert pretrain_hash(stem) != plain(stem, config_mod.PRETRAIN_SECTIONS)
+    tree = {k: v for k, v in to_container(stem).items() if k in config_mod.PRETRAIN_SECTIONS}
+    for key in config_mod.UNHASHED_KEYS:
+        config_mod._drop(tree, key)
+    assert pretrain_hash(stem) == digest({**tree, "method_revision": 1})
