@@ -23,7 +23,6 @@ from benchmark.pretrain import run_pretrain
 from benchmark.report.table import results_table
 from benchmark.tracking import (
     MlflowMetrics,
-    ParentRun,
     open_finetune_run,
     open_parent,
     run_status,
@@ -98,6 +97,25 @@ def run_benchmark(
         if weights is not None:
             tracker.set_tags(parent, {"backbone": str(weights)})
         base = transfer_dir(cfg, weights, external)
+
+        def one_seed(name: str, seed: int) -> dict[str, float]:
+            """One (dataset, seed) fine-tune under its MLflow child; a finished one is read
+            back from its ``metrics.json``."""
+            out_dir = base / name / f"seed{seed}"
+            scored = (out_dir / METRICS_FILE).is_file()
+            child, done = open_finetune_run(tracker, parent, cfg, name, seed, weights, scored)
+            if done:
+                return json.loads((out_dir / METRICS_FILE).read_text())
+            final = cfg.finetune[name].iterations
+            logger = MlflowMetrics(tracker, child, False, prefix="train_", final_step=final)
+            with run_status(tracker, child) as seed_outcome:
+                result = finetune(
+                    cfg, name, seed, weights, world, out_dir, [logger], stop_after_iter
+                )
+                if not result.metrics:
+                    seed_outcome.stopped()
+                return result.metrics
+
         per_seed: dict[str, list[dict[str, float]]] = {}
         stopped = False
         for name in cfg.finetune.datasets:
@@ -105,8 +123,7 @@ def run_benchmark(
             for seed in range(1, cfg.finetune.seeds + 1):
                 if stopped:
                     break
-                out_dir = base / name / f"seed{seed}"
-                metrics = _one_seed(cfg, name, seed, weights, world, out_dir, run, stop_after_iter)
+                metrics = one_seed(name, seed)
                 if metrics:
                     per_seed[name].append(metrics)
                     if on_seed is not None and not on_seed(name, seed, metrics):
@@ -120,31 +137,3 @@ def run_benchmark(
         epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
         say("\n" + results_table(shown, epochs, summary))
         return summary
-
-
-def _one_seed(
-    cfg: DictConfig,
-    name: str,
-    seed: int,
-    weights: Path | None,
-    world: World,
-    out_dir: Path,
-    parent: ParentRun,
-    stop_after_iter: int | None,
-) -> dict[str, float]:
-    """One (dataset, seed) fine-tune under its MLflow child; a finished one is read back."""
-    tracker = parent.tracker
-    metrics_file = out_dir / METRICS_FILE
-    child, finished = open_finetune_run(
-        tracker, parent.run_id, cfg, name, seed, weights, scored=metrics_file.is_file()
-    )
-    if finished:
-        return json.loads(metrics_file.read_text())
-    logger = MlflowMetrics(
-        tracker, child, per_epoch=False, prefix="train_", final_step=cfg.finetune[name].iterations
-    )
-    with run_status(tracker, child) as outcome:
-        result = finetune(cfg, name, seed, weights, world, out_dir, [logger], stop_after_iter)
-        if not result.metrics:
-            outcome.stopped()
-        return result.metrics

@@ -8,32 +8,27 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import methods.mocov2 as mocov2_module
 from benchmark.config import load_config
-from benchmark.core.contracts import BuildContext, StepContext, World
+from benchmark.core.contracts import BuildContext, World
 from benchmark.core.registry import get_method
 from methods.augment import moco_v2_view
 from methods.densecl import DenseCL, DenseCLConfig, dense_info_nce, match_cells
 from methods.heads import DenseHead, MLPHead
 from methods.mocov2 import MoCoV2
-
-CTX = StepContext(epoch=0, step=0, epochs=1, steps_per_epoch=1)
-BATCH = 8
-QUEUE = 20
-PERM = torch.tensor([3, 0, 5, 1, 7, 2, 6, 4])
+from tests.methods._moco import (
+    BATCH,
+    CTX,
+    PERM,
+    QUEUE,
+    assert_moco_v2_defaults,
+    build,
+    fix_key_shuffle,
+)
+from tests.methods._moco import views as _views
 
 
 def _build(bn_batch_size: int) -> DenseCL:
-    torch.manual_seed(0)
-    build = BuildContext(
-        world=World(), image_size=64, local_batch_size=BATCH, bn_batch_size=bn_batch_size
-    )
-    return get_method("densecl")(DenseCLConfig(queue_size=QUEUE), build)
-
-
-def _views() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(BATCH, 3, 64, 64, generator=g) for _ in range(2)]
+    return build("densecl", DenseCLConfig, bn_batch_size)
 
 
 def _reference_dense_loss(
@@ -63,13 +58,7 @@ def test_registered_with_paper_defaults() -> None:
     assert get_method("densecl") is DenseCL and DenseCL.name == "densecl"
     assert issubclass(DenseCL, MoCoV2) and DenseCL.config_class is DenseCLConfig
     cfg = DenseCLConfig()
-    assert (cfg.name, cfg.depth, cfg.hidden_dim, cfg.feat_dim) == ("densecl", 18, 512, 128)
-    assert (cfg.queue_size, cfg.momentum, cfg.temperature, cfg.shuffle_bn) == (
-        16384,
-        0.999,
-        0.2,
-        True,
-    )
+    assert_moco_v2_defaults(cfg, "densecl")
     assert cfg.loss_lambda == 0.5
 
 
@@ -165,7 +154,7 @@ def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.M
     if split:
         # A fixed key shuffle, so the split-BN groups of the hand computation are known.
         # DenseCL's key side runs through MoCo-v2's encode step, which draws the shuffle.
-        monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+        fix_key_shuffle(monkeypatch)
     with torch.no_grad():
         model.queue.ptr.fill_(16)  # this step's 8 keys wrap: rows 16..19 then 0..3
         for p in model.encoder_k.parameters():

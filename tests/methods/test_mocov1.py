@@ -8,9 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
-import methods.mocov2 as mocov2_module
 from benchmark.config import load_config
-from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
 from benchmark.training.schedules import learning_rate
 from methods.augment import MultiView
@@ -18,24 +16,18 @@ from methods.heads import LinearHead
 from methods.losses import info_nce
 from methods.mocov1 import MoCoV1, MoCoV1Config
 from methods.mocov2 import MoCoV2
-
-CTX = StepContext(epoch=0, step=0, epochs=1, steps_per_epoch=1)
-BATCH = 8
-QUEUE = 20
-PERM = torch.tensor([3, 0, 5, 1, 7, 2, 6, 4])
+from tests.methods._moco import (
+    BATCH,
+    CTX,
+    PERM,
+    build,
+    fix_key_shuffle,
+)
+from tests.methods._moco import views as _views
 
 
 def _build(bn_batch_size: int) -> MoCoV1:
-    torch.manual_seed(0)
-    build = BuildContext(
-        world=World(), image_size=64, local_batch_size=BATCH, bn_batch_size=bn_batch_size
-    )
-    return get_method("mocov1")(MoCoV1Config(queue_size=QUEUE), build)
-
-
-def _views() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(BATCH, 3, 64, 64, generator=g) for _ in range(2)]
+    return build("mocov1", MoCoV1Config, bn_batch_size)
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -99,7 +91,7 @@ def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.M
     model = _build(bn_batch_size)
     if bn_batch_size < BATCH:
         # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+        fix_key_shuffle(monkeypatch)
     with torch.no_grad():
         for p in model.encoder_k.parameters():
             p.add_(0.01 * torch.randn_like(p))

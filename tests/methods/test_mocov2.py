@@ -10,31 +10,23 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import methods.mocov2 as mocov2_module
-from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
 from methods.losses import info_nce
 from methods.mocov2 import MoCoV2, MoCoV2Config
 from methods.shuffle_bn import SplitBatchNorm2d
-
-CTX = StepContext(epoch=0, step=0, epochs=1, steps_per_epoch=1)
-BATCH = 8
-QUEUE = 20
-PERM = torch.tensor([3, 0, 5, 1, 7, 2, 6, 4])
+from tests.methods._moco import (
+    BATCH,
+    CTX,
+    PERM,
+    assert_moco_v2_defaults,
+    build,
+    fix_key_shuffle,
+)
+from tests.methods._moco import views as _views
 
 
 def _build(bn_batch_size: int, **overrides: object) -> MoCoV2:
-    torch.manual_seed(0)
-    cfg = MoCoV2Config(queue_size=QUEUE, **overrides)
-    build = BuildContext(
-        world=World(), image_size=64, local_batch_size=BATCH, bn_batch_size=bn_batch_size
-    )
-    return get_method("mocov2")(cfg, build)
-
-
-def _views() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(BATCH, 3, 64, 64, generator=g) for _ in range(2)]
+    return build("mocov2", MoCoV2Config, bn_batch_size, **overrides)
 
 
 def _embed(encoder: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +37,7 @@ def test_registered_with_paper_defaults() -> None:
     assert get_method("mocov2") is MoCoV2
     assert MoCoV2.config_class is MoCoV2Config and MoCoV2.name == "mocov2"
     cfg = MoCoV2Config()
-    assert (cfg.name, cfg.depth, cfg.hidden_dim, cfg.feat_dim) == ("mocov2", 18, 512, 128)
-    assert (cfg.queue_size, cfg.momentum, cfg.temperature, cfg.shuffle_bn) == (
-        16384,
-        0.999,
-        0.2,
-        True,
-    )
+    assert_moco_v2_defaults(cfg, "mocov2")
 
 
 @pytest.mark.parametrize("bn_batch_size", [8, 4], ids=["plain_bn", "split_bn"])
@@ -59,7 +45,7 @@ def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.M
     model = _build(bn_batch_size)
     if bn_batch_size < BATCH:
         # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+        fix_key_shuffle(monkeypatch)
     with torch.no_grad():
         model.queue.ptr.fill_(16)  # this step's 8 keys wrap: rows 16..19 then 0..3
         # Make the key encoder differ from the query encoder, so the EMA is visible.
@@ -115,7 +101,7 @@ def test_encode_step_returns_maps_in_the_order_asked(
     key_map: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = _build(4)  # split BN: the key shuffle changes the key features
-    monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
+    fix_key_shuffle(monkeypatch)
     with torch.no_grad():
         for p in model.encoder_k.parameters():
             p.add_(0.01 * torch.randn_like(p))
