@@ -36,6 +36,21 @@ def fix_key_shuffle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mocov2_module, "batch_shuffle", lambda x: (x[PERM], PERM.argsort()))
 
 
+def prepare_step(
+    model: Any, bn_batch_size: int, monkeypatch: pytest.MonkeyPatch, queue_ptr: int | None = 16
+) -> None:
+    """Before a hand-computed step: a known key shuffle where BN is split (MoCo-v2's encode
+    step draws it), a queue whose next 8 rows wrap (16..19 then 0..3 at ``queue_ptr`` 16),
+    and a key encoder that differs from the query encoder so that the EMA is visible."""
+    if bn_batch_size < BATCH:
+        fix_key_shuffle(monkeypatch)
+    with torch.no_grad():
+        if queue_ptr is not None:
+            model.queue.ptr.fill_(queue_ptr)
+        for p in model.encoder_k.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+
 def assert_moco_v2_defaults(cfg: Any, name: str) -> None:
     """MoCo-v2's values for NCT (TencentAILabHealthcare/ConCL
     ``configs/NCT_pretraining/moco_v2/r18_bs256_ep200.py``), shared by DenseCL."""

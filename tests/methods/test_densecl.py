@@ -22,7 +22,7 @@ from tests.methods._moco import (
     QUEUE,
     assert_moco_v2_defaults,
     build,
-    fix_key_shuffle,
+    prepare_step,
 )
 from tests.methods._moco import views as _views
 
@@ -151,14 +151,7 @@ def test_heads_and_encoder_layout() -> None:
 def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _build(bn_batch_size)
     split = bn_batch_size < BATCH
-    if split:
-        # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        # DenseCL's key side runs through MoCo-v2's encode step, which draws the shuffle.
-        fix_key_shuffle(monkeypatch)
-    with torch.no_grad():
-        model.queue.ptr.fill_(16)  # this step's 8 keys wrap: rows 16..19 then 0..3
-        for p in model.encoder_k.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    prepare_step(model, bn_batch_size, monkeypatch)  # DenseCL's keys go through MoCo-v2's
     enc_q, enc_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
     queue_before, dense_before = model.queue.queue.clone(), model.queue_dense.queue.clone()
     k_params_before = [p.clone() for p in model.encoder_k.parameters()]

@@ -21,7 +21,7 @@ from tests.methods._moco import (
     CTX,
     PERM,
     build,
-    fix_key_shuffle,
+    prepare_step,
 )
 from tests.methods._moco import views as _views
 
@@ -89,12 +89,7 @@ def test_linear_head_and_moco_v1_views() -> None:
 @pytest.mark.parametrize("bn_batch_size", [8, 4], ids=["plain_bn", "split_bn"])
 def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _build(bn_batch_size)
-    if bn_batch_size < BATCH:
-        # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        fix_key_shuffle(monkeypatch)
-    with torch.no_grad():
-        for p in model.encoder_k.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    prepare_step(model, bn_batch_size, monkeypatch, queue_ptr=None)
     enc_q, enc_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
     queue_before = model.queue.queue.clone()
     im_q, im_k = _views()

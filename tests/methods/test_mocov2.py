@@ -21,6 +21,7 @@ from tests.methods._moco import (
     assert_moco_v2_defaults,
     build,
     fix_key_shuffle,
+    prepare_step,
 )
 from tests.methods._moco import views as _views
 
@@ -43,14 +44,7 @@ def test_registered_with_paper_defaults() -> None:
 @pytest.mark.parametrize("bn_batch_size", [8, 4], ids=["plain_bn", "split_bn"])
 def test_step_matches_hand_computation(bn_batch_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _build(bn_batch_size)
-    if bn_batch_size < BATCH:
-        # A fixed key shuffle, so the split-BN groups of the hand computation are known.
-        fix_key_shuffle(monkeypatch)
-    with torch.no_grad():
-        model.queue.ptr.fill_(16)  # this step's 8 keys wrap: rows 16..19 then 0..3
-        # Make the key encoder differ from the query encoder, so the EMA is visible.
-        for p in model.encoder_k.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    prepare_step(model, bn_batch_size, monkeypatch)
     enc_q, enc_k = copy.deepcopy(model.encoder_q), copy.deepcopy(model.encoder_k)
     queue_before = model.queue.queue.clone()
     k_params_before = [p.clone() for p in model.encoder_k.parameters()]
