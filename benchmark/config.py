@@ -295,10 +295,6 @@ def select_leaf(cfg: DictConfig, key: str, source: str) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, ListConfig) else node
 
 
-# The former private names, kept for callers that still use them.
-_explain, _merge, _load_yaml = explain, merge, load_yaml
-
-
 def resolve_profile(profile: str) -> tuple[str, str]:
     """The concrete profile for ``profile`` and why it was chosen."""
     if profile in PROFILES:
