@@ -20,6 +20,35 @@ COCO_METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "se
 TABLE_METRICS = {"bbox_AP": "AP_bb", "segm_AP": "AP_mk"}
 #: The exported backbone architecture, as run names spell it.
 BACKBONE = "r18"
+#: Frozen-backbone probes: (dataset, probe) -> the metrics each child logs (percent). The
+#: tissue probes classify NCT-style patches; the dense probe segments glands on the detector's
+#: data. Parents carry ``<dataset>_<probe>_<metric>_mean`` / ``_std`` and
+#: ``<dataset>_<probe>_seeds``; children log ``per_image.json`` (see ``benchmark.probe``).
+PROBES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("tissue", "knn"): ("balanced_accuracy", "macro_f1"),
+    ("tissue", "linear"): ("balanced_accuracy", "macro_f1"),
+    ("glas", "dense"): ("dice", "iou"),
+    ("crag", "dense"): ("dice", "iou"),
+}
+#: How tables spell probe datasets, probes and metrics: ``Tissue k-NN bAcc``.
+PROBE_TITLES = {
+    "tissue": "Tissue",
+    "glas": "GlaS",
+    "crag": "CRAG",
+    "knn": "k-NN",
+    "linear": "linear",
+    "dense": "dense",
+    "balanced_accuracy": "bAcc",
+    "macro_f1": "F1",
+    "dice": "Dice",
+    "iou": "IoU",
+}
+#: The probe metric of each (dataset, probe) that tables show first.
+PROBE_HEADLINE = {key: metrics[0] for key, metrics in PROBES.items()}
+#: The per-image artifact of a probe child.
+PROBE_PER_IMAGE_FILE = "per_image.json"
+#: Reference rows that every table shows beside the SSL methods.
+REFERENCE_METHODS = ("random", "supervised")
 #: Optimizers the engine can build (``optim.name``).
 OPTIMIZERS = ("sgd", "lars")
 
