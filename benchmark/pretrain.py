@@ -66,30 +66,42 @@ class PretrainResult:
     method: Method | None = None
 
 
-def build_method(cfg: DictConfig, world: World) -> Method:
-    """The plugin for ``cfg.method``, built with the same initial weights on every rank."""
+def build_method(cfg: DictConfig, world: World, num_classes: int | None = None) -> Method:
+    """The plugin for ``cfg.method``, built with the same initial weights on every rank.
+
+    ``num_classes`` (the dataset's class folders) reaches only methods that want labels;
+    the others get the context they always got.
+    """
     method_cls = get_method(cfg.method.name)
     p = cfg.pretrain
     check_layout(cfg, world.world_size)
     local_batch = p.batch_size // world.world_size
+    if method_cls.wants_labels and num_classes is None:
+        raise ValueError(f"method {cfg.method.name!r} trains on labels: pass num_classes")
     build = BuildContext(
         world=world,
         image_size=cfg.data.image_size,
         local_batch_size=local_batch,
         # BN cannot see more images than a process holds (no SyncBN in these methods).
         bn_batch_size=min(p.bn_batch_size, local_batch),
+        num_classes=num_classes if method_cls.wants_labels else None,
     )
     seed_everything(p.seed)
     return method_cls(method_config(cfg), build)
 
 
 def build_loader(
-    cfg: DictConfig, world: World, dataset: Dataset, with_index: bool = False
+    cfg: DictConfig,
+    world: World,
+    dataset: Dataset,
+    with_index: bool = False,
+    with_label: bool = False,
 ) -> DataLoader:
     """One loader for the whole run: call ``loader.sampler.set_epoch(e)`` before each epoch.
 
     Sampler order depends on (seed, epoch) and each sample's views on (seed, epoch, index),
-    so workers persist across epochs and a resumed run sees exactly the same views.
+    so workers persist across epochs and a resumed run sees exactly the same views. Batches
+    are the views, then the indices (``with_index``), then the class labels (``with_label``).
     """
     sampler = DistributedSampler(
         dataset,
@@ -101,7 +113,7 @@ def build_loader(
     )
     workers = cfg.data.num_workers
     return DataLoader(
-        SeededSamples(dataset, cfg.pretrain.seed, with_index),
+        SeededSamples(dataset, cfg.pretrain.seed, with_index, with_label),
         batch_size=cfg.pretrain.batch_size // world.world_size,
         sampler=EpochTaggedSampler(sampler),
         num_workers=workers,
@@ -353,8 +365,11 @@ def _pretrain(
     backbone_path = directory / BACKBONE_FILE
     say = main_printer(world)
     _ensure_data(cfg, world)
-    method = build_method(cfg, world)
-    dataset = PretrainImageDataset(cfg.data.root, cfg.data.list_file, transform=method.views())
+    # The dataset first: a method that trains on labels is sized by its class folders.
+    dataset = PretrainImageDataset(cfg.data.root, cfg.data.list_file)
+    wants_labels = get_method(cfg.method.name).wants_labels
+    method = build_method(cfg, world, len(dataset.classes) if wants_labels else None)
+    dataset.transform = method.views()
     eval_dataset = PretrainImageDataset(
         cfg.data.root, cfg.data.list_file, transform=method.eval_view()
     )
@@ -388,7 +403,7 @@ def _pretrain(
     )
     epochs, every = cfg.pretrain.epochs, cfg.pretrain.checkpoint_every
     with run_status(tracker, run_id) as outcome:
-        loader = build_loader(cfg, world, dataset, method.wants_sample_index)
+        loader = build_loader(cfg, world, dataset, method.wants_sample_index, method.wants_labels)
         for epoch in range(start_epoch, epochs):
             # model-side randomness (e.g. shuffle-BN permutations): per (seed, epoch, rank)
             seed_everything(mix_seed(MODEL_STREAM, cfg.pretrain.seed, epoch, world.rank))

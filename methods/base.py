@@ -39,6 +39,10 @@ class Method(nn.Module):
     #: True for methods that need each sample's dataset index (PCL's cluster assignments):
     #: the loader then appends a (B,) long tensor of indices after the views.
     wants_sample_index: ClassVar[bool] = False
+    #: True for methods that train on the class of each image (the supervised reference row):
+    #: the loader then appends a (B,) long tensor of class indices after the views (and after
+    #: the indices, when both are asked for), and ``BuildContext.num_classes`` is set.
+    wants_labels: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, build: BuildContext) -> None:
         super().__init__()

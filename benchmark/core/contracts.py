@@ -45,12 +45,20 @@ class BuildContext:
     ``bn_batch_size`` is the per-GPU batch of the original 8-GPU layout (32): BatchNorm
     statistics are computed over groups of that many images whatever the actual layout,
     so one process with batch 256 normalises like eight GPUs with 32 each.
+
+    ``num_classes`` is the number of class folders of the pre-training set, set by the engine
+    only for methods that train on labels (``Method.wants_labels``; None for the others). It
+    is a fact of the data, not a hyperparameter: it lives here rather than in the method's
+    config so that no YAML can contradict the folders, and it stays out of the config hash
+    because it follows from ``data.root`` / ``data.list_file``, which are hashed (as the
+    images themselves are only by those keys).
     """
 
     world: World
     image_size: int
     local_batch_size: int
     bn_batch_size: int
+    num_classes: int | None = None
 
     @property
     def bn_splits(self) -> int:

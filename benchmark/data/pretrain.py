@@ -1,17 +1,20 @@
-"""The pre-training dataset: unlabelled images from a folder tree or an image list.
+"""The pre-training dataset: images from a folder tree or an image list.
 
 ConCL pre-trains on NCT-CRC-HE-100K's ``train.txt`` (80 000 relative paths, labels ignored); the
 demo and tests use the synthetic set from ``benchmark.data.synthetic``, which has the same layout.
-Any plain folder of images works too, so users can pre-train on their own tiles. Every problem is
-reported as a one-line ``DatasetError`` that says how to fix it, because a wrong data root is the
-most common first-run failure.
+Any plain folder of images works too, so users can pre-train on their own tiles. The supervised
+reference row takes its labels from the same layout: the class of an image is the folder it lies
+in (NCT's ``<CLASS>/<file>.tif``), so no second label source can disagree with the images.
+Every problem is reported as a one-line ``DatasetError`` that says how to fix it, because a
+wrong data root is the most common first-run failure.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
+from functools import cached_property
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image
@@ -57,11 +60,13 @@ def _read_list(list_path: Path) -> list[str]:
 
 
 class PretrainImageDataset(Dataset):
-    """Unlabelled RGB images for self-supervised pre-training.
+    """RGB images for pre-training, with their class folders as labels on request.
 
     ``root`` is searched recursively for images (``IMAGE_EXTENSIONS``) unless ``list_file`` names
     an image list (relative paths are resolved against ``root``). Items are ``transform(img)``,
-    or the PIL image without a transform; labels are never returned.
+    or the PIL image without a transform; labels are never part of an item: ``label(index)``
+    gives them to the loader of a method that asks (``Method.wants_labels``), so every other
+    method's items stay as they were.
     """
 
     def __init__(
@@ -109,6 +114,29 @@ class PretrainImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @cached_property
+    def classes(self) -> list[str]:
+        """Sorted class names: the first folder of each relative path (NCT's tissue types).
+
+        Computed on first use, so unlabelled pre-training never needs class folders; an image
+        directly under the root is refused then, in one line, because it has no class.
+        """
+        for path in self.paths:
+            if len(PurePosixPath(path).parts) < 2:
+                raise DatasetError(
+                    f"image {path} lies directly under {self.root}, not in a class folder: the "
+                    "supervised method needs class folders (<root>/<CLASS>/<image>) for its labels"
+                )
+        return sorted({PurePosixPath(p).parts[0] for p in self.paths})
+
+    @cached_property
+    def _class_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def label(self, index: int) -> int:
+        """Index into ``classes`` of sample ``index``'s class folder."""
+        return self._class_index[PurePosixPath(self.paths[index]).parts[0]]
 
     def __getitem__(self, index: int) -> Any:
         path = self.root / self.paths[index]

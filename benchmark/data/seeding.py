@@ -51,14 +51,22 @@ class SeededSamples(Dataset):
     """Loads ``dataset[index]`` with torch's RNG seeded from (seed, epoch, index).
 
     The caller's RNG state is restored afterwards, so loading in the main process
-    (``num_workers=0``) does not disturb the model's random draws. With ``with_index`` the
-    sample's index is appended to its list of views (methods that track samples, e.g. PCL).
+    (``num_workers=0``) does not disturb the model's random draws. Extras follow the sample's
+    list of views, in this order: with ``with_index`` its index (methods that track samples,
+    e.g. PCL), then with ``with_label`` its class, ``dataset.label(index)`` (the supervised
+    reference row); each as a 0-d long tensor, so a batch carries (B,) long tensors.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, with_index: bool = False) -> None:
+    def __init__(
+        self, dataset: Dataset, seed: int, with_index: bool = False, with_label: bool = False
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.with_index = with_index
+        self.with_label = with_label
+        if with_label:
+            # Fail before the first batch, not in a worker: e.g. images without class folders.
+            _ = dataset.classes  # type: ignore[attr-defined]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -68,9 +76,12 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(DATA_STREAM, self.seed, epoch, index))
             item = self.dataset[index]
-        if self.with_index:
-            return [*item, torch.tensor(index)]
-        return item
+        if not (self.with_index or self.with_label):
+            return item
+        extras = [torch.tensor(index)] if self.with_index else []
+        if self.with_label:
+            extras.append(torch.tensor(self.dataset.label(index), dtype=torch.long))  # type: ignore[attr-defined]
+        return [*item, *extras]
 
 
 class IndexedSamples(Dataset):

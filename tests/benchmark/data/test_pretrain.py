@@ -150,3 +150,28 @@ def test_truncated_image_raises_dataset_error(tmp_path: Path) -> None:
     ds = PretrainImageDataset(tmp_path, list_file=None)
     with pytest.raises(DatasetError, match=r"cut\.png"):
         ds[ds.paths.index("cut.png")]
+
+
+def test_classes_and_labels_come_from_the_class_folders(nct_root: Path) -> None:
+    ds = PretrainImageDataset(nct_root)
+    assert ds.classes == ["ADI", "TUM"]
+    assert [ds.label(i) for i in range(len(ds))] == [0, 0, 1]  # ADI, ADI, TUM
+    assert ds[0].mode == "RGB"  # items stay unlabelled: labels go through the loader
+
+
+def test_classes_of_a_list_file_are_those_it_lists(nct_root: Path) -> None:
+    (nct_root / "tum.txt").write_text("TUM/TUM-AAA.tif 8\n")  # a trailing label is ignored
+    ds = PretrainImageDataset(nct_root, list_file="tum.txt")
+    assert ds.classes == ["TUM"] and ds.label(0) == 0
+
+
+def test_images_without_class_folders_are_refused_in_one_line_when_labels_are_asked(
+    tmp_path: Path,
+) -> None:
+    _save(tmp_path / "TUM" / "a.png", 1)
+    _save(tmp_path / "loose.png", 2)
+    ds = PretrainImageDataset(tmp_path)  # unlabelled use is unaffected
+    assert len(ds) == 2
+    with pytest.raises(DatasetError, match="supervised method needs class folders") as e:
+        _ = ds.classes
+    assert "loose.png" in str(e.value) and "\n" not in str(e.value)

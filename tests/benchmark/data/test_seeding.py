@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms.functional import to_tensor
+
+from benchmark.data.pretrain import DatasetError, PretrainImageDataset
 from benchmark.data.seeding import (
     DATA_STREAM,
     MODEL_STREAM,
@@ -67,3 +74,37 @@ def test_mix_seed_streams_differ():
     assert mix_seed(DATA_STREAM, 0, 1, 2) != mix_seed(MODEL_STREAM, 0, 1, 2)
     assert mix_seed(DATA_STREAM, 0, 1, 2) == mix_seed(DATA_STREAM, 0, 1, 2)
     assert 0 <= mix_seed(DATA_STREAM, 0, 1, 2) < 2**63
+
+
+def _class_folders(root: Path) -> PretrainImageDataset:
+    for i, cls in enumerate(("TUM", "ADI", "TUM", "LYM", "ADI")):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / cls / f"{cls}-{i}.png")
+    return PretrainImageDataset(root, transform=lambda img: [to_tensor(img), to_tensor(img)])
+
+
+def test_label_of_each_sample_is_its_class_folder_after_the_views_and_index(
+    tmp_path: Path,
+) -> None:
+    ds = _class_folders(tmp_path)
+    assert ds.classes == ["ADI", "LYM", "TUM"]
+    plain = SeededSamples(ds, seed=0)
+    labelled = SeededSamples(ds, seed=0, with_label=True)
+    both = SeededSamples(ds, seed=0, with_index=True, with_label=True)
+    for index, path in enumerate(ds.paths):
+        views = plain[(1, index)]
+        *same_views, label = labelled[(1, index)]
+        *views_too, idx, label_too = both[(1, index)]
+        assert all(torch.equal(a, b) for a, b in zip(views, same_views, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(views, views_too, strict=True))
+        assert label.dtype == torch.long and label.dim() == 0
+        assert ds.classes[int(label)] == path.split("/")[0] == ds.classes[int(label_too)]
+        assert int(idx) == index
+    batch = next(iter(DataLoader(labelled, batch_size=5, sampler=[(0, i) for i in range(5)])))
+    assert batch[-1].tolist() == [ds.label(i) for i in range(5)] == [0, 0, 1, 2, 2]
+
+
+def test_labels_without_class_folders_are_refused_before_loading(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(DatasetError, match="supervised method needs class folders"):
+        SeededSamples(PretrainImageDataset(tmp_path), seed=0, with_label=True)
