@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="write reports/results.md, results.csv and figures from the MLflow runs",
         description=(
-            "Read every finished benchmark from MLflow and write the results table (mean ± "
-            "std over seeds with n, best per column, Welch's t-test against a baseline, the "
-            "paper's AP beside ours), its CSV and figures; log them to a stage=report run. "
+            "Read every finished benchmark from MLflow and write the results table (mean "
+            "[95 % bootstrap CI] over seeds with n, best per column, paired or Welch test "
+            "against a baseline with Holm's correction, minimum detectable difference and "
+            "seeds needed, the paper's AP beside ours), its CSV and figures; log them to a "
+            "stage=report run. "
             "Demo and paper rows go to separate tables."
         ),
     )
@@ -124,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", default="mocov2", help="method every row is compared with (default mocov2)"
     )
     report.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
+    report.add_argument(
+        "--delta",
+        type=float,
+        default=1.0,
+        help="difference (AP / probe points) the 'seeds needed' figures are for (default 1.0)",
+    )
 
     from benchmark.tune.cli import add_tune_parser
 
@@ -294,7 +302,9 @@ def _report(args: argparse.Namespace) -> int:
     from benchmark.report import build_report
 
     tracking = TrackingConfig()
-    result = build_report(tracking.uri, tracking.experiment, args.out, baseline=args.baseline)
+    result = build_report(
+        tracking.uri, tracking.experiment, args.out, baseline=args.baseline, delta=args.delta
+    )
     print(
         f"==> report: {result.markdown}, {result.csv} and {len(result.figures)} figures "
         f"(MLflow run {result.run_id})",

@@ -14,6 +14,7 @@ from benchmark.config import ConfigError
 from benchmark.core.schema import RUN_KIND_TAG, STAGE_TAG
 from benchmark.report.figures import write_figures
 from benchmark.report.runs import (
+    DEFAULT_DELTA,
     KEYS,
     load_published,
     load_runs,
@@ -44,10 +45,12 @@ def build_report(
     out_dir: Path,
     baseline: str = "mocov2",
     published: Path | None = None,
+    delta: float = DEFAULT_DELTA,
 ) -> ReportResult:
     """Tables and figures of every finished benchmark in ``experiment``, logged to a new
     ``stage=report`` run. ``MLFLOW_TRACKING_URI`` wins over ``tracking_uri``, as in the rest
-    of the suite. Nothing is written when the store holds no finished benchmark."""
+    of the suite. Nothing is written when the store holds no finished benchmark. ``delta``:
+    the difference (points) the seeds-needed figures are for."""
     uri = tracking.tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
@@ -58,7 +61,7 @@ def build_report(
             f"no finished benchmark runs in experiment {experiment!r} at {uri}; "
             "run `make benchmark` first"
         )
-    summary = summary_table(seeds, load_published(published), baseline)
+    summary = summary_table(seeds, load_published(published), baseline, delta)
     pre_ids = pretrain_runs(runs, summary)
     pre_curves = metric_curves(client, pre_ids.dropna(), "loss")
     pre_curves = pre_curves.merge(summary.assign(run_id=pre_ids)[["run_id", *KEYS]], on="run_id")
@@ -93,13 +96,13 @@ def build_report(
             f"`{run_id}`."
         )
         md = out_dir / "results.md"
-        md.write_text(markdown_report(summary, baseline, source, written))
+        md.write_text(markdown_report(summary, baseline, source, written, delta=delta))
         csv = out_dir / "results.csv"
         csv_frame(summary).to_csv(csv, index=False, float_format="%.6g")
         paths = [p for ps in written.values() for p in ps]
         for path in [md, csv, *paths]:
             tracker.log_artifact(run_id, path)
-        tracker.log_params(run_id, {"baseline": baseline, "rows": len(summary)})
+        tracker.log_params(run_id, {"baseline": baseline, "rows": len(summary), "delta": delta})
         status = "FINISHED"
     finally:
         tracker.finish(run_id, status)

@@ -30,12 +30,22 @@ from benchmark.core.schema import (
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-#: Row order within a block: the paper's, then anything else alphabetically.
+#: The paper's SSL methods in its row order; other SSL methods follow them alphabetically.
 METHOD_ORDER = ("simclr", "byol", "pcl", "mocov1", "mocov2", "densecl", "concl")
+#: Reference rows after every SSL method, in this order (see ``REFERENCE_METHODS``).
+REFERENCE_ORDER = ("supervised", "random")
 #: Methods whose parents carry an ``epochs`` tag that means nothing (no pre-training).
 NO_PRETRAINING = ("random",)
 #: What makes one row of the report: one benchmark parent's config.
 KEYS = ["profile", "method", "epochs", "config_hash"]
+#: The difference (percentage points) whose seeds-needed answer the report gives.
+DEFAULT_DELTA = 1.0
+#: What the comparison with the baseline fills per dataset and metric (``summary``), here so
+#: that the tables need not import the statistics (scipy, statsmodels).
+COMPARISON_STATS = (
+    "delta", "delta_ci_low", "delta_ci_high", "test", "t", "p", "p_holm", "resolved",
+    "pairs", "mdd", "seeds_needed",
+)  # fmt: skip
 SEED_COLUMNS = [*KEYS, "dataset", "seed", *TABLE_METRICS, "run_id", "parent_id", "pretrain_hash"]
 #: The AP_bb table of the ConCL README (``TencentAILabHealthcare/ConCL``, README.md, section
 #: "Models"), under ``experiments_dir()``.
@@ -113,10 +123,12 @@ def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def ordered(frame: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
-    """Paper profile first, then epochs (no pre-training last), then the paper's method order;
-    other profiles follow the known ones alphabetically, other methods likewise."""
+    """Paper profile first, then epochs (no pre-training last), then the paper's method order,
+    other SSL methods alphabetically, then ``supervised`` and ``random``; other profiles
+    follow the known ones alphabetically."""
     profile_rank = {p: i for i, p in enumerate(PROFILES)}
     method_rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    method_rank |= {m: len(METHOD_ORDER) + 1 + i for i, m in enumerate(REFERENCE_ORDER)}
     keys = frame.assign(
         _p=frame["profile"].map(profile_rank).fillna(len(PROFILES)),
         _e=frame["epochs"].astype("Float64").fillna(np.inf),

@@ -5,33 +5,28 @@
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from benchmark.core.schema import DATASETS, TABLE_METRICS
-from benchmark.report.runs import KEYS, ordered
-
-
-def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Welch's t and two-sided p; NaN when a side has fewer than two seeds."""
-    if len(a) < 2 or len(b) < 2:
-        return np.nan, np.nan
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res = stats.ttest_ind(a, b, equal_var=False)
-    return float(res.statistic), float(res.pvalue)
+from benchmark.report.runs import COMPARISON_STATS, DEFAULT_DELTA, KEYS, ordered
+from benchmark.report.statistics import bootstrap_ci, compare, holm
 
 
 def summary_table(
-    seeds: pd.DataFrame, published: pd.DataFrame | None = None, baseline: str = "mocov2"
+    seeds: pd.DataFrame,
+    published: pd.DataFrame | None = None,
+    baseline: str = "mocov2",
+    delta: float = DEFAULT_DELTA,
 ) -> pd.DataFrame:
-    """One row per (profile, method, epochs, config hash): mean, sample std and n per dataset
-    and metric; Welch's test against ``baseline`` at the same profile and epochs
-    (``*_delta``, ``*_t``, ``*_p``); the best mean of each (profile, epochs) block
-    (``*_best``); the published AP_bb and our difference to it, on paper rows only."""
+    """One row per (profile, method, epochs, config hash): per dataset and metric the mean,
+    sample std, n and the bootstrap 95 % interval of the mean over seeds (``*_ci_low``,
+    ``*_ci_high``); the comparison with ``baseline`` at the same profile and epochs (see
+    ``compare_rows``); the best mean of each (profile, epochs) block (``*_best``); the
+    published AP_bb and our difference to it, on paper rows only. ``delta`` is the difference
+    the ``*_seeds_needed`` answer is for."""
     seeds = seeds.assign(row=seeds.groupby(KEYS, dropna=False, sort=False).ngroup())
     keys = seeds.drop_duplicates("row").set_index("row")[[*KEYS, "pretrain_hash"]]
     wide = seeds.groupby(["row", "dataset"])[list(TABLE_METRICS)].agg(["mean", "std", "count"])
@@ -45,12 +40,28 @@ def summary_table(
             for s in ("mean", "std"):
                 out[f"{ds}_{m}_{s}"] = out.get(f"{ds}_{m}_{s}", np.nan)
     out = out.drop(columns=[c for c in out if c.endswith("_count")])
+    groups = dict(list(seeds.groupby(["row", "dataset"])))
+    prefixes = [f"{ds}_{m}" for ds in DATASETS for m in TABLE_METRICS]
+    for ds in DATASETS:
+        for m in TABLE_METRICS:
+            cis = [
+                bootstrap_ci(groups[row, ds][m]) if (row, ds) in groups else None
+                for row in out.index
+            ]
+            out[f"{ds}_{m}_ci_low"] = [np.nan if ci is None else ci.low for ci in cis]
+            out[f"{ds}_{m}_ci_high"] = [np.nan if ci is None else ci.high for ci in cis]
+    per_seed = {
+        (row, f"{ds}_{m}"): seed_values(part, m)
+        for (row, ds), part in groups.items()
+        for m in TABLE_METRICS
+    }
     out["config"] = out["config_hash"].str[:8]
     # the name in figures: the config's digits only where one method has several configs
     clash = out.duplicated(["profile", "method", "epochs"], keep=False)
     out["label"] = out["method"].where(~clash, out["method"] + " [" + out["config"] + "]")
     block = [out["profile"], out["epochs"].astype("Float64").fillna(-1)]
-    _compare(out, seeds, baseline, block)
+    n_total = out[[f"{ds}_n" for ds in DATASETS]].sum(axis=1)
+    compare_rows(out, per_seed, prefixes, baseline, n_total, delta)
     for ds in DATASETS:
         for m in TABLE_METRICS:
             shown = out[f"{ds}_{m}_mean"].round(1)
@@ -74,33 +85,65 @@ def summary_table(
     return ordered(out).reset_index(drop=True)
 
 
-def _compare(out: pd.DataFrame, seeds: pd.DataFrame, baseline: str, block: list) -> None:
-    """Fill ``*_delta/_t/_p`` (and ``baseline_config``) against the baseline of each block.
+def seed_values(rows: pd.DataFrame, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one row's runs on one dataset (runs without a seed number or a
+    value cannot pair and are left out of the comparison)."""
+    rows = rows.dropna(subset=["seed", metric])
+    return {int(s): float(v) for s, v in zip(rows["seed"], rows[metric], strict=True)}
+
+
+def block_keys(out: pd.DataFrame) -> pd.Series:
+    """(profile, epochs) of every row, no pre-training as epochs −1: the rows that compare."""
+    epochs = out["epochs"].astype("Float64").fillna(-1).astype(float)
+    return pd.Series(list(zip(out["profile"], epochs, strict=True)), index=out.index)
+
+
+def compare_rows(
+    out: pd.DataFrame,
+    per_seed: Mapping[tuple[Hashable, str], Mapping[int, float]],
+    prefixes: Sequence[str],
+    baseline: str,
+    n_total: pd.Series,
+    delta: float = DEFAULT_DELTA,
+) -> None:
+    """Fill ``<prefix>_{delta, delta_ci_low, delta_ci_high, test, t, p, p_holm, resolved,
+    pairs, mdd, seeds_needed}`` (and ``baseline_config``) of every row of ``out`` against the
+    ``baseline`` row of its (profile, epochs) block; ``per_seed[row, prefix]`` is
+    ``{seed: value}``.
 
     A block with several baseline rows (config hashes) compares with the one with most
-    seeds (the first in table order on a tie); ``baseline_config`` says which."""
-    values = dict(list(seeds.groupby(["row", "dataset"])))
-    n_total = out[[f"{ds}_n" for ds in DATASETS]].sum(axis=1)
-    is_base = out["method"] == baseline
-    ref: dict[tuple, int] = {}
-    for row in n_total[is_base].sort_values(ascending=False, kind="stable").index:
-        ref.setdefault((out.at[row, "profile"], block[1][row]), row)
+    seeds (``n_total``; the first in table order on a tie); ``baseline_config`` says which.
+    Holm's correction runs over the rows of one block for one prefix (one dataset and
+    metric): the family of questions "is this method different from the baseline here?".
+    ``resolved`` is None where there is no interval (nothing to compare)."""
+    block = block_keys(out)
+    ref: dict[tuple, Hashable] = {}
+    for row in n_total[out["method"] == baseline].sort_values(ascending=False, kind="stable").index:
+        ref.setdefault(block[row], row)
     out["baseline_config"] = None
-    for ds in DATASETS:
-        for m in TABLE_METRICS:
-            for s in ("delta", "t", "p"):
-                out[f"{ds}_{m}_{s}"] = np.nan
+    for prefix in prefixes:
+        for s in COMPARISON_STATS:
+            dtype = object if s in ("test", "resolved") else float
+            out[f"{prefix}_{s}"] = pd.Series(
+                None if dtype is object else np.nan, index=out.index, dtype=dtype
+            )
     for row in out.index:
-        base = ref.get((out.at[row, "profile"], block[1][row]))
+        base = ref.get(block[row])
         if base is None or base == row:
             continue
         out.at[row, "baseline_config"] = out.at[base, "config_hash"]
-        for ds in DATASETS:
-            a, b = values.get((row, ds)), values.get((base, ds))
-            if a is None or b is None:
+        for prefix in prefixes:
+            a, b = per_seed.get((row, prefix)), per_seed.get((base, prefix))
+            if not a or not b:
                 continue
-            for m in TABLE_METRICS:
-                x, y = a[m].dropna().to_numpy(), b[m].dropna().to_numpy()
-                if len(x) and len(y):
-                    out.at[row, f"{ds}_{m}_delta"] = x.mean() - y.mean()
-                out.at[row, f"{ds}_{m}_t"], out.at[row, f"{ds}_{m}_p"] = _welch(x, y)
+            c = compare(a, b, target=delta)
+            values = {
+                "delta": c.delta, "delta_ci_low": c.low, "delta_ci_high": c.high,
+                "test": c.test, "t": c.t, "p": c.p, "resolved": c.resolved, "pairs": c.pairs,
+                "mdd": c.mdd, "seeds_needed": c.seeds_needed,
+            }  # fmt: skip
+            for s, v in values.items():
+                out.at[row, f"{prefix}_{s}"] = v
+    for prefix in prefixes:
+        for rows in out.groupby(block, sort=False).groups.values():
+            out.loc[rows, f"{prefix}_p_holm"] = holm(out.loc[rows, f"{prefix}_p"].to_numpy())

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 from scipy import stats
 
+from benchmark.report.statistics import N_RESAMPLES, RNG_SEED
 from benchmark.tracking import Tracker
 
 EXPERIMENT = "concl-bench"
@@ -105,6 +107,28 @@ def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float]:
     return t, 2 * stats.t.sf(abs(t), df)
 
 
+def paired_by_hand(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Over the seeds both lists have (the first ``min(len)``): mean difference d̄,
+    t = d̄ / (s_d / √n) and the two-sided p with n − 1 degrees of freedom."""
+    d = [x - y for x, y in zip(a, b, strict=False)]
+    n = len(d)
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(n))
+    return statistics.fmean(d), t, 2 * stats.t.sf(abs(t), n - 1)
+
+
+def scipy_ci(x: list[float]) -> tuple[float, float]:
+    """The report's interval of a mean, from scipy directly with the report's settings."""
+    res = stats.bootstrap(
+        (np.asarray(x, dtype=float),),
+        np.mean,
+        n_resamples=N_RESAMPLES,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(RNG_SEED),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def values(key, ds: str, metric: int) -> list[float]:
     return [float(v[metric]) for v in BENCHMARKS[key][ds]]
 
@@ -116,8 +140,9 @@ def row(summary: pd.DataFrame, profile: str, method: str, chash: str) -> pd.Seri
 
 
 def section(md: str, title: str) -> str:
+    """The text under ``## title`` or ``### title`` up to the next heading of any level."""
     start = md.index(f"## {title}")
-    end = md.find("\n## ", start + 1)
+    end = md.find("\n#", start + 1)
     return md[start : end if end != -1 else None]
 
 
