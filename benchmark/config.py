@@ -31,8 +31,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from benchmark.core.contracts import MethodConfig
 from benchmark.core.errors import UserError
 from benchmark.core.registry import get_method
-from benchmark.core.schema import DATASETS, OPTIMIZERS, PROFILES
+from benchmark.core.schema import DATASETS, OPTIMIZERS, PROBES, PROFILES
 
+#: ResNet stages the dense probe can read.
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+#: Probe names ``probe.probes`` accepts.
+PROBE_NAMES = tuple(dict.fromkeys(probe for _, probe in PROBES))
 #: Real pre-training data whose presence makes ``PROFILE=auto`` pick ``paper``.
 REAL_PRETRAIN_ROOT = Path("datasets/NCT-CRC-HE-100K")
 
@@ -181,6 +185,63 @@ class FinetuneConfig:
 
 
 @dataclass
+class TissueProbeConfig:
+    """Patch classification on frozen pooled features, on images the pre-training never saw.
+
+    Real data: probes train on ``train_root`` (NCT-CRC-HE-100K's class folders, as eva and
+    the NCT papers do) and are tested on ``test_root`` (CRC-VAL-HE-7K: other patients,
+    never in pre-training). Synthetic: two labelled sets made with their own generator seeds.
+    """
+
+    train_root: str = "datasets/NCT-CRC-HE-100K"
+    test_root: str = "datasets/CRC-VAL-HE-7K"
+    #: Generate both sets when absent (demo profile).
+    synthetic: bool = False
+    synthetic_train: int = 1024
+    synthetic_test: int = 512
+    synthetic_size: int = 224
+    #: Generator seeds of the two sets; the pre-training set uses ``data.synthetic_seed``.
+    synthetic_seed_train: int = 101
+    synthetic_seed_test: int = 102
+    #: Training patches per class drawn for each probe seed (null: all): the seed spread.
+    train_per_class: int | None = 1000
+    #: k-NN: cosine similarity, the k nearest vote with weight exp(sim / temperature).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    #: Logistic regression on standardised features: inverse L2 strength, L-BFGS budget.
+    linear_c: float = 1.0
+    linear_max_iter: int = 1000
+
+
+@dataclass
+class DenseProbeConfig:
+    """A 1 x 1 conv gland/background head on frozen, upsampled layer3 + layer4 features."""
+
+    layers: list[str] = field(default_factory=lambda: ["layer3", "layer4"])
+    #: Shortest image edge the backbone sees (the long edge is capped at ``max_size``).
+    size: int = 512
+    max_size: int = 768
+    iterations: int = 500
+    batch_size: int = 8
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ProbeConfig:
+    """The probe tier: frozen-backbone evaluations that run before the detector."""
+
+    #: Which probes run: ``knn``, ``linear`` (tissue), ``dense`` (finetune.datasets).
+    probes: list[str] = field(default_factory=lambda: ["knn", "linear", "dense"])
+    #: Probe seeds; null = ``finetune.seeds``.
+    seeds: int | None = None
+    batch_size: int = 64
+    num_workers: int = 4
+    tissue: TissueProbeConfig = field(default_factory=TissueProbeConfig)
+    dense: DenseProbeConfig = field(default_factory=DenseProbeConfig)
+
+
+@dataclass
 class ExperimentConfig:
     profile: str = "paper"
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -188,6 +249,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     #: Checkpoints and exported backbones: ``<output_root>/<method>-<pretrain hash>/``.
     output_root: str = "mlruns/checkpoints"
@@ -209,6 +271,10 @@ UNHASHED_KEYS = (
     "finetune.glas.root",
     "finetune.crag.raw_root",
     "finetune.crag.root",
+    "probe.batch_size",
+    "probe.num_workers",
+    "probe.tissue.train_root",
+    "probe.tissue.test_root",
     "tracking",
     "output_root",
 )
@@ -382,6 +448,36 @@ def validate(cfg: DictConfig) -> None:
         (cfg.finetune.seeds >= 1, "finetune.seeds must be >= 1"),
         (cfg.finetune.batch_size >= 1, "finetune.batch_size must be >= 1"),
         (
+            all(p in PROBE_NAMES for p in cfg.probe.probes),
+            f"probe.probes must name knn, linear and/or dense, got {list(cfg.probe.probes)}",
+        ),
+        (cfg.probe.seeds is None or cfg.probe.seeds >= 1, "probe.seeds must be >= 1 or null"),
+        (cfg.probe.batch_size >= 1, "probe.batch_size must be >= 1"),
+        (cfg.probe.tissue.knn_k >= 1, "probe.tissue.knn_k must be >= 1"),
+        (cfg.probe.tissue.knn_temperature > 0, "probe.tissue.knn_temperature must be > 0"),
+        (cfg.probe.tissue.linear_c > 0, "probe.tissue.linear_c must be > 0"),
+        (
+            cfg.probe.tissue.train_per_class is None or cfg.probe.tissue.train_per_class >= 1,
+            "probe.tissue.train_per_class must be >= 1 or null",
+        ),
+        (
+            cfg.probe.tissue.synthetic_train >= 2 and cfg.probe.tissue.synthetic_test >= 1,
+            "probe.tissue.synthetic_train must be >= 2 and synthetic_test >= 1",
+        ),
+        (
+            all(
+                layer in ("layer1", "layer2", "layer3", "layer4")
+                for layer in cfg.probe.dense.layers
+            )
+            and len(cfg.probe.dense.layers) >= 1,
+            "probe.dense.layers must name one or more of layer1..layer4",
+        ),
+        (cfg.probe.dense.size >= 32, "probe.dense.size must be >= 32"),
+        (cfg.probe.dense.max_size >= cfg.probe.dense.size, "probe.dense.max_size must be >= size"),
+        (cfg.probe.dense.iterations >= 1, "probe.dense.iterations must be >= 1"),
+        (cfg.probe.dense.batch_size >= 1, "probe.dense.batch_size must be >= 1"),
+        (cfg.probe.dense.lr > 0, "probe.dense.lr must be > 0"),
+        (
             all(d in DATASETS for d in cfg.finetune.datasets),
             f"finetune.datasets must name glas and/or crag, got {list(cfg.finetune.datasets)}",
         ),
@@ -469,6 +565,23 @@ def pretrain_hash(cfg: DictConfig) -> str:
 def finetune_hash(cfg: DictConfig) -> str:
     """What the transfer stage computes: the ``finetune`` section without execution keys."""
     return config_hash(cfg, ("finetune",))
+
+
+def probe_hash(cfg: DictConfig) -> str:
+    """What the probe tier computes: the ``probe`` section, the view size it resizes patches
+    to, and the gland datasets' sources (the dense probe trains on them)."""
+    tree = to_container(cfg)
+    for key in UNHASHED_KEYS:
+        _drop(tree, key)
+    glands = {
+        name: {k: v for k, v in tree["finetune"][name].items() if k.startswith("synthetic")}
+        for name in tree["finetune"]["datasets"]
+    }
+    return digest({"probe": tree["probe"], "image_size": tree["data"]["image_size"], **glands})
+
+
+def probe_seeds(cfg: DictConfig) -> int:
+    return cfg.probe.seeds if cfg.probe.seeds is not None else cfg.finetune.seeds
 
 
 def digest(tree: Any) -> str:

@@ -1,9 +1,10 @@
-"""The benchmark: pre-train (or reuse) → fine-tune every dataset × seed → aggregate.
+"""The benchmark: pre-train (or reuse) → probe → fine-tune every dataset × seed → aggregate.
 
 Every step reads only what the previous one wrote (``backbone.pth``, ``metrics.json``), so
 an interrupted benchmark run again continues where it stopped and a finished seed is
 never re-run. One MLflow parent per (method, config hash) holds the aggregates; children
-hold the pre-training and each fine-tuning run.
+hold the pre-training, each probe and each fine-tuning run. The probes run before the
+detector because they take seconds to minutes and say first whether the backbone learnt.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from benchmark.config import finetune_hash, pretrain_hash
+from benchmark.config import finetune_hash, pretrain_hash, probe_hash
 from benchmark.core.contracts import World
 from benchmark.core.registry import get_method
 from benchmark.pretrain import run_pretrain
+from benchmark.probe.stage import run_probes
 from benchmark.report.table import results_table
 from benchmark.tracking import (
     MlflowMetrics,
@@ -29,7 +31,7 @@ from benchmark.tracking import (
 )
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.progress import main_printer
-from benchmark.transfer.finetune import METRICS_FILE, finetune
+from benchmark.transfer.finetune import METRICS_FILE, finetune, prepare_dataset_for
 
 
 def _file_digest(path: Path) -> str:
@@ -40,13 +42,21 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def backbone_dir(cfg: DictConfig, weights: Path | None, external: bool) -> Path:
+    """The folder of this backbone: its pre-training run, or one per external weights file."""
+    if external and weights is not None:
+        return Path(cfg.output_root) / f"weights-{_file_digest(weights)}"
+    return ckpt.run_dir(cfg.output_root, cfg.method.name, pretrain_hash(cfg))
+
+
 def transfer_dir(cfg: DictConfig, weights: Path | None, external: bool) -> Path:
     """Where the fine-tuning runs of this backbone and recipe live."""
-    if external and weights is not None:
-        base = Path(cfg.output_root) / f"weights-{_file_digest(weights)}"
-    else:
-        base = ckpt.run_dir(cfg.output_root, cfg.method.name, pretrain_hash(cfg))
-    return base / f"finetune-{finetune_hash(cfg)}"
+    return backbone_dir(cfg, weights, external) / f"finetune-{finetune_hash(cfg)}"
+
+
+def probe_dir(cfg: DictConfig, weights: Path | None, external: bool) -> Path:
+    """Where the probes of this backbone and probe config live."""
+    return backbone_dir(cfg, weights, external) / f"probe-{probe_hash(cfg)}"
 
 
 def aggregate(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, float]:
@@ -97,6 +107,13 @@ def run_benchmark(
         if weights is not None:
             tracker.set_tags(parent, {"backbone": str(weights)})
         base = transfer_dir(cfg, weights, external)
+        probes: dict[str, float] = {}
+        if cfg.probe.probes:
+            dense = "dense" in cfg.probe.probes
+            roots = {n: prepare_dataset_for(cfg, n, world) for n in cfg.finetune.datasets if dense}
+            probes = run_probes(
+                cfg, world, weights, probe_dir(cfg, weights, external), tracker, parent, roots, say
+            )
 
         def one_seed(name: str, seed: int) -> dict[str, float]:
             """One (dataset, seed) fine-tune under its MLflow child; a finished one is read
@@ -130,8 +147,8 @@ def run_benchmark(
                         stopped = True
         if stopped or stop_after_iter is not None:
             outcome.stopped()
-            return aggregate(per_seed) if stopped else {}
-        summary = aggregate(per_seed)
+            return {**aggregate(per_seed), **probes} if stopped else {}
+        summary = {**aggregate(per_seed), **probes}
         tracker.log_metrics(parent, summary, step=0)
         shown = cfg.method.name if not external else f"{Path(weights).name}"
         epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"

@@ -27,6 +27,7 @@ from benchmark.config import (
     finetune_hash,
     flatten,
     pretrain_hash,
+    probe_hash,
     to_container,
     to_yaml,
 )
@@ -457,6 +458,33 @@ def open_finetune_run(
         params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
         params.update(flatten(section[name], f"{name}."))
         params.update({"weights": str(weights), "finetune_hash": finetune_hash(cfg)})
+        tracker.log_params(child, params)
+    elif scored and tracker.status(child) == "FINISHED":
+        return child, True
+    tracker.set_running(child)
+    return child, False
+
+
+def open_probe_run(
+    tracker: Tracker,
+    parent_id: str | None,
+    cfg: Any,
+    dataset: str,
+    probe: str,
+    seed: int,
+    weights: Any,
+    scored: bool,
+) -> tuple[str | None, bool]:
+    """The (dataset, probe, seed) child of ``parent_id``, as ``open_finetune_run`` does it:
+    ``True`` when it had FINISHED and its metrics are on disk (``scored``)."""
+    tags = {"dataset": dataset, "probe": probe, "seed": seed}
+    child, created = tracker.child_run(parent_id, "probe", tags)
+    if created:
+        section = to_container(cfg)["probe"]
+        params = flatten({k: v for k, v in section.items() if k not in ("tissue", "dense")})
+        part = "dense" if probe == "dense" else "tissue"
+        params.update(flatten(section[part], f"{part}."))
+        params.update({"weights": str(weights), "probe_hash": probe_hash(cfg)})
         tracker.log_params(child, params)
     elif scored and tracker.status(child) == "FINISHED":
         return child, True

@@ -340,14 +340,19 @@ def read_backbone_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 def load_backbone(model: MaskRCNN, path: str | Path) -> None:
     """Load a torchvision ResNet ``state_dict`` into ``model.backbone.body`` (BN running
-    statistics included, as MoCo's detection protocol starts from them).
+    statistics included, as MoCo's detection protocol starts from them)."""
+    load_trunk_weights(model.backbone.body, path)
+
+
+def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
+    """Load a torchvision ResNet ``state_dict`` into ``trunk`` (a detector's body, or a ResNet
+    without ``fc``), BN running statistics included.
 
     Every trunk key must be present with the right shape; only ``fc.*`` is ignored, and a
     missing ``num_batches_tracked`` (old torchvision files) is tolerated.
     """
     state = read_backbone_state_dict(path)
-    body = model.backbone.body
-    expected = body.state_dict()
+    expected = trunk.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -366,7 +371,7 @@ def load_backbone(model: MaskRCNN, path: str | Path) -> None:
     ]
     if problems:
         raise WeightsError(f"{path}: {'; '.join(problems)}; {_EXPECTED}")
-    body.load_state_dict(state, strict=False)
+    trunk.load_state_dict(state, strict=False)
 
 
 #: Normalisation layers d2's ``get_default_optimizer_params`` exempts from weight decay.
