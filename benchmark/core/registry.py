@@ -26,6 +26,7 @@ BUILTIN_METHODS = (
     "methods.byol",
     "methods.simclr",
     "methods.random_init",
+    "methods.supervised",
 )
 
 M = TypeVar("M", bound=type)

@@ -55,19 +55,32 @@ STEP_COST_TARGETS = {"concl": 1.3, "densecl": 1.1}
 def view_batches(
     method, batch: int, steps: int, seed: int = 0, size: int = 96
 ) -> list[list[torch.Tensor]]:
-    from benchmark.data.synthetic import render_patch
+    """``steps`` batches of views of ``batch`` synthetic patches, laid out as the engine's
+    loader lays them out: views, then indices and labels for methods that want them."""
+    from benchmark.data.synthetic import dominant_type, render_patch
 
     transform = method.views()
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(render_patch(rng, size)[0]) for _ in range(batch)]
+    patches = [render_patch(rng, size) for _ in range(batch)]
+    images = [Image.fromarray(rgb) for rgb, _ in patches]
+    labels = torch.tensor([dominant_type(label_map) for _, label_map in patches])
     batches = []
     for _ in range(steps):
         per_image = [transform(img) for img in images]
         views = [torch.stack(v) for v in zip(*per_image, strict=True)]
         if method.wants_sample_index:
             views.append(torch.arange(batch))
+        if method.wants_labels:
+            views.append(labels)
         batches.append(views)
     return batches
+
+
+def build_bench_method(cfg, world: World):
+    """``build_method`` for synthetic patches: a method that wants labels gets their classes."""
+    from benchmark.data.synthetic import TISSUE_TYPES
+
+    return build_method(cfg, world, num_classes=len(TISSUE_TYPES))
 
 
 def prime(method, count: int, size: int = 96, seed: int = 1) -> None:
@@ -94,7 +107,7 @@ def prime(method, count: int, size: int = 96, seed: int = 1) -> None:
 
 def _harness_rate(cfg, batches) -> float:
     world = World()
-    method = build_method(cfg, world)
+    method = build_bench_method(cfg, world)
     trainer = Pretrainer(cfg, world, method, steps_per_epoch=len(batches))
     prime(method, cfg.pretrain.batch_size)
     trainer.train_epoch(batches[:2], epoch=0)  # warm-up: allocator, first-call costs
@@ -112,7 +125,7 @@ def _bare_optimizer(cfg, method) -> torch.optim.Optimizer:
 
 
 def _bare_rate(cfg, batches) -> float:
-    method = build_method(cfg, World())
+    method = build_bench_method(cfg, World())
     prime(method, cfg.pretrain.batch_size)
     fmt = torch.channels_last if cfg.pretrain.channels_last else torch.contiguous_format
     method.to(memory_format=fmt)
@@ -147,7 +160,7 @@ def _config(name: str, *overrides: str):
 def bench_method(name: str, steps: int, repeats: int) -> dict[str, float]:
     cfg = _config(name)
     torch.manual_seed(0)
-    batches = view_batches(build_method(cfg, World()), cfg.pretrain.batch_size, steps)
+    batches = view_batches(build_bench_method(cfg, World()), cfg.pretrain.batch_size, steps)
     harness, bare = [], []
     for _ in range(repeats):  # interleaved so drifts in machine load hit both alike
         bare.append(_bare_rate(cfg, batches))
@@ -192,7 +205,7 @@ def bench_step_cost(
     for name in names:
         cfg = _config(name, *setting)
         configs[name] = cfg
-        methods[name] = build_method(cfg, World()).train()
+        methods[name] = build_bench_method(cfg, World()).train()
         prime(methods[name], batch, size=max(size, 96))
         batches[name] = view_batches(methods[name], batch, steps, size=max(size, 96))
     seconds: dict[str, list[float]] = {name: [] for name in names}

@@ -20,7 +20,7 @@ import torch
 from benchmark.config import load_config
 from benchmark.core.contracts import World
 from benchmark.core.registry import get_method, registered_methods
-from benchmark.devtools.bench import METHOD_SETTING, prime, view_batches
+from benchmark.devtools.bench import METHOD_SETTING, build_bench_method, prime, view_batches
 from benchmark.pretrain import Pretrainer, build_loader, build_method, run_pretrain
 
 
@@ -48,7 +48,7 @@ def method_throughput(name: str, world: World, batch: int, steps: int, amp: bool
     )
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    method = build_method(cfg, world)
+    method = build_bench_method(cfg, world)
     size = cfg.data.image_size
     # Real views of synthetic patches: methods such as ConCL need their crop boxes too.
     views = [v.to(world.device) for v in view_batches(method, batch, 1, size=size)[0]]
@@ -80,10 +80,13 @@ def loader_throughput(name: str, world: World, root: Path, workers: int, batch: 
         ),
         announce=False,
     )
-    method = build_method(cfg, World())
-    dataset = PretrainImageDataset(root, None, transform=method.views())
+    dataset = PretrainImageDataset(root)
+    method = build_method(
+        cfg, World(), len(dataset.classes) if get_method(name).wants_labels else None
+    )
+    dataset.transform = method.views()
     n, first, start = 0, None, time.perf_counter()
-    for views in build_loader(cfg, World(), dataset):
+    for views in build_loader(cfg, World(), dataset, with_label=method.wants_labels):
         if first is None:
             first = time.perf_counter()
         else:

@@ -31,7 +31,7 @@ def test_unknown_method_is_one_clear_line(capsys: pytest.CaptureFixture[str]):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "error: unknown method 'nope'; registered methods: "
-        "byol, concl, densecl, mocov1, mocov2, pcl, random, simclr"
+        "byol, concl, densecl, mocov1, mocov2, pcl, random, simclr, supervised"
     ]
 
 
