@@ -1,6 +1,8 @@
 """Tiny fine-tuning settings shared by tests that run whole benchmarks (seconds per seed)."""
 
 TINY_FINETUNE = (
+    # the probe tier has its own tests (tests/benchmark/probe); these runs time the detector
+    "probe.probes=[]",
     "finetune.batch_size=2",
     "finetune.warmup_iters=2",
     "finetune.precise_bn_iters=2",
