@@ -21,7 +21,9 @@ from benchmark.config import finetune_hash, pretrain_hash, probe_hash
 from benchmark.core.contracts import World
 from benchmark.core.registry import get_method
 from benchmark.pretrain import run_pretrain
+from benchmark.probe.stage import jobs as probe_jobs
 from benchmark.probe.stage import run_probes
+from benchmark.probe.tissue import check_roots as check_tissue_roots
 from benchmark.report.table import results_table
 from benchmark.tracking import (
     MlflowMetrics,
@@ -97,6 +99,8 @@ def run_benchmark(
     method_cls = get_method(cfg.method.name)
     external = weights is not None
     label = f"weights-{_file_digest(weights)}" if weights is not None else None
+    if any(ds == "tissue" for ds, _ in probe_jobs(cfg)) and not cfg.probe.tissue.synthetic:
+        check_tissue_roots(cfg)  # before hours of pre-training, not after
     run = open_parent(cfg, label, parent_tags, world=world)
     tracker, parent = run
     if external:
