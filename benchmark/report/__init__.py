@@ -4,9 +4,11 @@
 ``mlflow.db``), writes ``results.md``/``results.csv`` and the figures, and logs them to a new
 ``stage=report`` run. Imports flow one way: ``runs`` (read the store; the row keys and
 method order) ← ``summary`` (statistics), ``table`` (every results table, also the row
-``make benchmark`` prints), ``figures`` ← ``build``. The frames are built by pure functions
-(``seed_frame``, ``summary_table``, ``markdown_report``) so tests can check them on
-hand-made values.
+``make benchmark`` prints), ``figures`` ← ``build``; ``statistics`` (bootstrap intervals,
+paired / Welch tests, Holm, power) underlies ``summary``. The frames are built by pure
+functions (``seed_frame``, ``probe_frame``, ``summary_table``, ``probe_summary``,
+``markdown_report``) so tests can check them on hand-made values. Probe results go to
+``probes.csv`` beside ``results.csv``.
 
 The names below are loaded on first use, so that ``benchmark.pipeline`` importing
 ``benchmark.report.table`` pulls in neither MLflow nor matplotlib.
@@ -23,14 +25,22 @@ if TYPE_CHECKING:
     from benchmark.report.runs import (
         KEYS,
         METHOD_ORDER,
+        load_per_image,
         load_published,
         load_runs,
         metric_curves,
         pretrain_runs,
+        probe_frame,
         seed_frame,
     )
-    from benchmark.report.summary import summary_table
-    from benchmark.report.table import csv_frame, markdown_report, results_table, section_table
+    from benchmark.report.summary import probe_summary, summary_table
+    from benchmark.report.table import (
+        csv_frame,
+        markdown_report,
+        probe_csv_frame,
+        results_table,
+        section_table,
+    )
 
 _EXPORTS = {
     "ReportResult": "build",
@@ -38,13 +48,17 @@ _EXPORTS = {
     "write_figures": "figures",
     "KEYS": "runs",
     "METHOD_ORDER": "runs",
+    "load_per_image": "runs",
     "load_published": "runs",
     "load_runs": "runs",
     "metric_curves": "runs",
     "pretrain_runs": "runs",
+    "probe_frame": "runs",
     "seed_frame": "runs",
+    "probe_summary": "summary",
     "summary_table": "summary",
     "csv_frame": "table",
+    "probe_csv_frame": "table",
     "markdown_report": "table",
     "results_table": "table",
     "section_table": "table",
@@ -55,11 +69,15 @@ __all__ = [
     "ReportResult",
     "build_report",
     "csv_frame",
+    "load_per_image",
     "load_published",
     "load_runs",
     "markdown_report",
     "metric_curves",
     "pretrain_runs",
+    "probe_csv_frame",
+    "probe_frame",
+    "probe_summary",
     "results_table",
     "section_table",
     "seed_frame",

@@ -1,4 +1,8 @@
-"""``make report``: read the store, write the tables and figures, log them to a report run."""
+"""``make report``: read the store, write the tables and figures, log them to a report run.
+
+Fine-tuning results go to ``results.csv``; probe results, whose columns are another set
+(dataset × probe × metric), to ``probes.csv`` beside it, written only when the store holds
+probe runs, so ``results.csv`` keeps its columns whether or not a benchmark probed."""
 
 from __future__ import annotations
 
@@ -16,14 +20,16 @@ from benchmark.report.figures import write_figures
 from benchmark.report.runs import (
     DEFAULT_DELTA,
     KEYS,
+    load_per_image,
     load_published,
     load_runs,
     metric_curves,
     pretrain_runs,
+    probe_frame,
     seed_frame,
 )
-from benchmark.report.summary import summary_table
-from benchmark.report.table import csv_frame, markdown_report
+from benchmark.report.summary import probe_summary, summary_table
+from benchmark.report.table import csv_frame, markdown_report, probe_csv_frame
 from benchmark.tracking import Tracker
 
 
@@ -37,6 +43,10 @@ class ReportResult:
     figures: list[Path]
     seeds: pd.DataFrame = field(repr=False)
     summary: pd.DataFrame = field(repr=False)
+    #: ``probes.csv``; None when the store holds no finished probe run.
+    probes_csv: Path | None = None
+    probes: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    probe_summary: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
 
 def build_report(
@@ -62,6 +72,8 @@ def build_report(
             "run `make benchmark` first"
         )
     summary = summary_table(seeds, load_published(published), baseline, delta)
+    probes = probe_frame(runs)
+    probe_sum = probe_summary(probes, load_per_image(client, probes), baseline, delta)
     pre_ids = pretrain_runs(runs, summary)
     pre_curves = metric_curves(client, pre_ids.dropna(), "loss")
     pre_curves = pre_curves.merge(summary.assign(run_id=pre_ids)[["run_id", *KEYS]], on="run_id")
@@ -89,6 +101,8 @@ def build_report(
                 pre_curves[pre_curves["profile"] == profile],
                 ft_curves[ft_curves["profile"] == profile],
                 out_dir,
+                probes[probes["profile"] == profile],
+                probe_sum[probe_sum["profile"] == profile],
             )
         source = (
             f"Generated {now:%Y-%m-%d %H:%M %Z} from MLflow experiment `{experiment}` at "
@@ -96,14 +110,18 @@ def build_report(
             f"`{run_id}`."
         )
         md = out_dir / "results.md"
-        md.write_text(markdown_report(summary, baseline, source, written, delta=delta))
+        md.write_text(markdown_report(summary, baseline, source, written, probe_sum, delta))
         csv = out_dir / "results.csv"
         csv_frame(summary).to_csv(csv, index=False, float_format="%.6g")
+        probes_csv = None
+        if not probe_sum.empty:
+            probes_csv = out_dir / "probes.csv"
+            probe_csv_frame(probe_sum).to_csv(probes_csv, index=False, float_format="%.6g")
         paths = [p for ps in written.values() for p in ps]
-        for path in [md, csv, *paths]:
+        for path in [md, csv, *([probes_csv] if probes_csv else []), *paths]:
             tracker.log_artifact(run_id, path)
         tracker.log_params(run_id, {"baseline": baseline, "rows": len(summary), "delta": delta})
         status = "FINISHED"
     finally:
         tracker.finish(run_id, status)
-    return ReportResult(run_id, md, csv, paths, seeds, summary)
+    return ReportResult(run_id, md, csv, paths, seeds, summary, probes_csv, probes, probe_sum)

@@ -18,7 +18,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from benchmark.core.schema import DATASET_TITLES, DATASETS, TABLE_METRICS
+from benchmark.core.schema import (
+    DATASET_TITLES,
+    DATASETS,
+    PROBE_HEADLINE,
+    PROBE_TITLES,
+    TABLE_METRICS,
+)
 from benchmark.report.runs import KEYS, METHOD_ORDER
 
 #: Panel titles of the table's metrics.
@@ -37,6 +43,8 @@ def method_color(method: str) -> str:
         return f"C{METHOD_ORDER.index(method)}"
     if method == "random":
         return "0.45"
+    if method == "supervised":
+        return "0.1"
     return f"C{7 + sum(map(ord, method)) % 3}"
 
 
@@ -318,6 +326,120 @@ def finetune_loss(curves: pd.DataFrame, summary: pd.DataFrame, profile: str, pat
     return _save(fig, path)
 
 
+def _probe_panels(probe_sum: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The (dataset, probe, headline metric) with results, in ``PROBE_HEADLINE`` order."""
+    keys = [(ds, probe, m, f"{ds}_{probe}_{m}_mean") for (ds, probe), m in PROBE_HEADLINE.items()]
+    return [(ds, p, m) for ds, p, m, k in keys if k in probe_sum and probe_sum[k].notna().any()]
+
+
+def _probe_title(ds: str, probe: str, m: str) -> str:
+    return f"{PROBE_TITLES[ds]} {PROBE_TITLES[probe]} probe: {PROBE_TITLES[m]}"
+
+
+def _ci_err(rows: pd.DataFrame, key: str) -> np.ndarray:
+    """Asymmetric error bars (below, above the mean) of the 95 % interval; 0 without one."""
+    mean = rows[f"{key}_mean"].to_numpy(float)
+    low = (mean - rows[f"{key}_ci_low"].to_numpy(float)).clip(min=0)
+    high = (rows[f"{key}_ci_high"].to_numpy(float) - mean).clip(min=0)
+    return np.nan_to_num(np.vstack([low, high]))
+
+
+def probe_points(probes: pd.DataFrame, probe_sum: pd.DataFrame, profile: str, path: Path) -> Path:
+    """Each probe's headline metric per benchmark row: mean with its 95 % interval (seeds ×
+    test images where the per-image results exist) and every probe seed as a dot."""
+    panels = _probe_panels(probe_sum)
+    n = len(probe_sum)
+    cat = pd.Series(range(n), index=row_keys(probe_sum).to_numpy())
+    points = probes.assign(_cat=row_keys(probes).map(cat).to_numpy()).dropna(subset="_cat")
+    fig = Figure(figsize=(max(7.0, 0.5 * n + 2.5), 2.5 * len(panels) + 1.2), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, (ds, probe, m) in zip(axes, panels, strict=True):
+        key = f"{ds}_{probe}_{m}"
+        colors = [method_color(x) for x in probe_sum["method"]]
+        for x, (mean, err, color) in enumerate(
+            zip(probe_sum[f"{key}_mean"], _ci_err(probe_sum, key).T, colors, strict=True)
+        ):
+            ax.errorbar(
+                [x], [mean], yerr=err.reshape(2, 1), color=color, marker="_", ms=16, mew=2,
+                capsize=4, lw=1.5, zorder=2,
+            )  # fmt: skip
+        sub = points[(points["dataset"] == ds) & (points["probe"] == probe)].dropna(subset=[m])
+        group = sub.groupby("_cat")
+        k, rank = group["seed"].transform("size"), group.cumcount()
+        jitter = ((rank - (k - 1) / 2) * np.minimum(0.3 / (k - 1).clip(lower=1), 0.08)).to_numpy()
+        ax.scatter(
+            sub["_cat"] + 0.18 + jitter, sub[m], c=[method_color(x) for x in sub["method"]],
+            s=20, alpha=0.8, lw=0, zorder=3,
+        )  # fmt: skip
+        ax.set_title(_probe_title(ds, probe, m))
+        ax.set_ylabel(f"{PROBE_TITLES[m]} (%)")
+        ax.grid(axis="y", alpha=0.3)
+        _block_labels(ax, probe_sum)
+    rotate = n > 8
+    ha = "right" if rotate else "center"
+    axes[-1].set_xticks(range(n), probe_sum["label"], rotation=45 if rotate else 0, ha=ha)
+    axes[-1].set_xlim(-0.6, n - 0.2)
+    axes[-1].set_xlabel("method, grouped by pre-training epochs")
+    handles = [
+        Line2D([], [], marker="o", ls="", color="0.4", label="one probe seed"),
+        Line2D([], [], marker="_", ms=16, mew=2, color="black", label="mean, 95 % CI"),
+    ]
+    _legend(fig, handles, [h.get_label() for h in handles])
+    fig.suptitle(
+        f"{profile.capitalize()} profile: frozen-backbone probes (headline metric)\n"
+        "bar = mean over probe seeds with its 95 % bootstrap interval, dots = seeds; "
+        "colour = method"
+    )
+    return _save(fig, path)
+
+
+def probe_vs_epochs(probe_sum: pd.DataFrame, profile: str, path: Path) -> Path:
+    """Each probe's headline metric against the pre-training budget, one line per method with
+    95 % intervals; rows without pre-training are horizontal reference lines."""
+    panels, budgets = _probe_panels(probe_sum), _budgets(probe_sum)
+    styles = _styles(probe_sum)
+    pos = {e: i for i, e in enumerate(budgets)}
+    trained = probe_sum[probe_sum["epochs"].notna()]
+    labels = list(dict.fromkeys(trained["label"]))
+    width = 0.5 / max(len(labels), 1)
+    cols = min(2, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5.5 * cols + 2, 3.4 * nrows + 0.8), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False, sharex=True).ravel()
+    for ax, (ds, probe, m) in zip(axes, panels, strict=False):
+        key = f"{ds}_{probe}_{m}"
+        for i, label in enumerate(labels):
+            rows = trained[trained["label"] == label].sort_values("epochs")
+            style = styles.loc[row_keys(rows).iloc[0]]
+            shift = (i - (len(labels) - 1) / 2) * width
+            x = np.array([pos[int(e)] for e in rows["epochs"]]) + shift
+            ax.errorbar(
+                x, rows[f"{key}_mean"], yerr=_ci_err(rows, key), color=style["color"],
+                marker=style["marker"], ms=5, capsize=3, lw=1.3, label=label,
+            )  # fmt: skip
+        for k, row in zip(row_keys(probe_sum), probe_sum.itertuples(), strict=True):
+            if pd.isna(row.epochs):
+                ax.axhline(
+                    getattr(row, f"{key}_mean"), color=styles.at[k, "color"], ls="--", lw=1.2,
+                    label=styles.at[k, "label"],
+                )  # fmt: skip
+        ax.set_title(_probe_title(ds, probe, m))
+        ax.set_ylabel(f"{PROBE_TITLES[m]} (%)")
+        ax.set_xticks(range(len(budgets)), [str(e) for e in budgets])
+        ax.set_xlim(-0.5, max(len(budgets), 1) - 0.5)
+        ax.set_xlabel("pre-training epochs")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    pairs = [hl for ax in axes for hl in zip(*ax.get_legend_handles_labels(), strict=True)]
+    _legend(fig, [h for h, _ in pairs], [label for _, label in pairs])
+    fig.suptitle(
+        f"{profile.capitalize()} profile: frozen-backbone probes vs pre-training epochs\n"
+        "mean over probe seeds, error bar = 95 % bootstrap interval"
+    )
+    return _save(fig, path)
+
+
 def write_figures(
     profile: str,
     seeds: pd.DataFrame,
@@ -325,8 +447,11 @@ def write_figures(
     pretrain_curves: pd.DataFrame,
     finetune_curves: pd.DataFrame,
     out_dir: Path,
+    probes: pd.DataFrame | None = None,
+    probe_sum: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """The figures of one profile under ``out_dir``; a figure without data is skipped."""
+    """The figures of one profile under ``out_dir``; a figure without data is skipped (the
+    probe figures without probe rows, the probe-vs-epochs one with fewer than two budgets)."""
     paths = [
         ap_vs_epochs(summary, profile, out_dir / f"ap_vs_epochs_{profile}.png"),
         seed_points(seeds, summary, profile, out_dir / f"seeds_{profile}.png"),
@@ -337,4 +462,10 @@ def write_figures(
     if not finetune_curves.empty:
         out = out_dir / f"finetune_loss_{profile}.png"
         paths.append(finetune_loss(finetune_curves, summary, profile, out))
+    if probes is not None and probe_sum is not None and _probe_panels(probe_sum):
+        out = out_dir / f"probes_{profile}.png"
+        paths.append(probe_points(probes, probe_sum, profile, out))
+        if len(_budgets(probe_sum)) >= 2:
+            out = out_dir / f"probes_vs_epochs_{profile}.png"
+            paths.append(probe_vs_epochs(probe_sum, profile, out))
     return paths

@@ -7,6 +7,9 @@ tables and figures share.
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,8 @@ from benchmark.core.schema import (
     DATASETS,
     METHOD_TAG,
     PARENT_RUN_ID_TAG,
+    PROBE_PER_IMAGE_FILE,
+    PROBES,
     PROFILES,
     RUN_KIND_TAG,
     STAGE_TAG,
@@ -29,6 +34,8 @@ from benchmark.core.schema import (
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 #: The paper's SSL methods in its row order; other SSL methods follow them alphabetically.
 METHOD_ORDER = ("simclr", "byol", "pcl", "mocov1", "mocov2", "densecl", "concl")
@@ -47,6 +54,11 @@ COMPARISON_STATS = (
     "pairs", "mdd", "seeds_needed",
 )  # fmt: skip
 SEED_COLUMNS = [*KEYS, "dataset", "seed", *TABLE_METRICS, "run_id", "parent_id", "pretrain_hash"]
+#: Every metric a probe child logs (percent), in ``PROBES`` order.
+PROBE_METRICS = tuple(dict.fromkeys(m for metrics in PROBES.values() for m in metrics))
+PROBE_COLUMNS = [
+    *KEYS, "dataset", "probe", "seed", *PROBE_METRICS, "run_id", "parent_id", "pretrain_hash",
+]  # fmt: skip
 #: The AP_bb table of the ConCL README (``TencentAILabHealthcare/ConCL``, README.md, section
 #: "Models"), under ``experiments_dir()``.
 PUBLISHED = Path("paper") / "published.csv"
@@ -81,12 +93,9 @@ def load_runs(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "status", "start_time"])
 
 
-def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per FINISHED fine-tuning child of a benchmark parent: the per-seed values that
-    every statistic of the report starts from. Tuning trials (a ``tune_study`` tag), report
-    runs and pre-training children are not benchmark results and are left out."""
-    if runs.empty:
-        return pd.DataFrame(columns=SEED_COLUMNS)
+def _parents(runs: pd.DataFrame) -> pd.DataFrame:
+    """The keys of every benchmark parent (tuning trials, with a ``tune_study`` tag, are not
+    benchmark results): ``parent_id``, ``KEYS``, ``pretrain_hash``."""
     tuned = _tag(runs, "tune_study").fillna("").astype(str).str.strip() != ""
     parents = runs[(_tag(runs, RUN_KIND_TAG) == BENCHMARK_KIND) & ~tuned]
     method = _tag(parents, METHOD_TAG).astype(str)
@@ -97,7 +106,7 @@ def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
         | method.str.startswith("weights-")
         | _tag(parents, "weights").notna()
     )
-    parents = pd.DataFrame(
+    return pd.DataFrame(
         {
             "parent_id": parents["run_id"],
             "profile": _tag(parents, "profile").fillna("unknown"),
@@ -107,6 +116,14 @@ def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
             "pretrain_hash": _tag(parents, "pretrain_hash"),
         }
     )
+
+
+def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per FINISHED fine-tuning child of a benchmark parent: the per-seed values that
+    every statistic of the report starts from. Tuning trials (a ``tune_study`` tag), report
+    runs and pre-training children are not benchmark results and are left out."""
+    if runs.empty:
+        return pd.DataFrame(columns=SEED_COLUMNS)
     kids = runs[(_tag(runs, STAGE_TAG) == "finetune") & (runs["status"] == "FINISHED")]
     kids = pd.DataFrame(
         {
@@ -118,8 +135,71 @@ def seed_frame(runs: pd.DataFrame) -> pd.DataFrame:
         }
     )
     kids = kids[kids["dataset"].isin(DATASETS) & kids[list(TABLE_METRICS)].notna().any(axis=1)]
-    out = kids.merge(parents, on="parent_id", how="inner")[SEED_COLUMNS]
+    out = kids.merge(_parents(runs), on="parent_id", how="inner")[SEED_COLUMNS]
     return ordered(out, extra=["dataset", "seed"]).reset_index(drop=True)
+
+
+def probe_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per FINISHED probe child (``stage=probe``) of a benchmark parent, like
+    ``seed_frame``: the parent's keys, ``dataset``, ``probe``, ``seed`` and every probe
+    metric (NaN where that probe does not log it). Unknown (dataset, probe) pairs are left
+    out, so a newer probe never breaks an older report."""
+    if runs.empty:
+        return pd.DataFrame(columns=PROBE_COLUMNS)
+    kids = runs[(_tag(runs, STAGE_TAG) == "probe") & (runs["status"] == "FINISHED")]
+    kids = pd.DataFrame(
+        {
+            "run_id": kids["run_id"],
+            "parent_id": _tag(kids, PARENT_RUN_ID_TAG),
+            "dataset": _tag(kids, "dataset"),
+            "probe": _tag(kids, "probe"),
+            "seed": pd.to_numeric(_tag(kids, "seed"), errors="coerce").astype("Int64"),
+            **{m: _metric(kids, m) for m in PROBE_METRICS},
+        }
+    )
+    known = pd.Series(
+        [(d, p) in PROBES for d, p in zip(kids["dataset"], kids["probe"], strict=True)],
+        index=kids.index,
+        dtype=bool,
+    )
+    kids = kids[known & kids[list(PROBE_METRICS)].notna().any(axis=1)]
+    out = kids.merge(_parents(runs), on="parent_id", how="inner")[PROBE_COLUMNS]
+    return ordered(out, extra=["dataset", "probe", "seed"]).reset_index(drop=True)
+
+
+def load_per_image(client: MlflowClient, probes: pd.DataFrame) -> dict[str, dict | None]:
+    """``per_image.json`` of every probe run, by run id; ``None`` where the artifact is
+    missing, unreadable or malformed (that run's row then gets an interval over seeds only):
+    a report never fails on a probe's side file."""
+    out: dict[str, dict | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id, ds, probe in zip(
+            probes["run_id"], probes["dataset"], probes["probe"], strict=True
+        ):
+            try:
+                path = client.download_artifacts(run_id, PROBE_PER_IMAGE_FILE, f"{tmp}/{run_id}")
+                out[run_id] = _per_image(json.loads(Path(path).read_text()), PROBES[(ds, probe)])
+            except Exception as exc:  # any store, file or format error degrades, by design
+                log.warning("no per-image results of probe run %s (%s)", run_id, exc)
+                out[run_id] = None
+    return out
+
+
+def _per_image(data: dict, metrics: Sequence[str]) -> dict | None:
+    """The arrays of one ``per_image.json`` checked for shape: tissue (labels, predictions of
+    one length, non-negative class indices), dense (a finite list per metric)."""
+    if "labels" in data:
+        labels = np.asarray(data["labels"], dtype=np.int64)
+        predictions = np.asarray(data["predictions"], dtype=np.int64)
+        if labels.ndim != 1 or labels.shape != predictions.shape or not len(labels):
+            return None
+        if labels.min() < 0 or predictions.min() < 0:
+            return None
+        return {"labels": labels, "predictions": predictions}
+    per = {m: np.asarray(data[m], dtype=float) for m in metrics}
+    if any(v.ndim != 1 or not len(v) or not np.isfinite(v).all() for v in per.values()):
+        return None
+    return per
 
 
 def ordered(frame: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:

@@ -177,12 +177,13 @@ def balanced_accuracy(cm: np.ndarray) -> np.ndarray:
 
 
 def macro_f1(cm: np.ndarray) -> np.ndarray:
-    """Mean F1 = 2 TP / (2 TP + FP + FN) over the classes in the labels or predictions
-    (sklearn's ``average="macro"`` on that sample), in %."""
+    """Mean F1 = 2 TP / (2 TP + FP + FN) over the classes that occur in the labels, in %: the
+    probe stage's definition (sklearn ``f1_score(labels=present, average="macro")``), so the
+    bootstrap resamples the very number the probe child logged."""
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     denom = cm.sum(axis=-1) + cm.sum(axis=-2)  # 2 TP + FN + FP
-    present = denom > 0
-    f1 = 2 * tp / np.where(present, denom, 1)
+    present = cm.sum(axis=-1) > 0
+    f1 = 2 * tp / np.where(denom > 0, denom, 1)
     return 100 * (f1 * present).sum(axis=-1) / present.sum(axis=-1)
 
 

@@ -1,6 +1,8 @@
 """The report's statistics: per-seed values reduced to one row per benchmark config.
 
-``summary_table`` is pure (frames in, frame out), so tests check it on hand-made values.
+``summary_table`` (fine-tuning) and ``probe_summary`` (frozen-backbone probes) are pure
+(frames in, frame out), so tests check them on hand-made values; the inference itself is in
+``statistics``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark.core.schema import DATASETS, TABLE_METRICS
+from benchmark.core.schema import DATASETS, PROBES, TABLE_METRICS
 from benchmark.report.runs import COMPARISON_STATS, DEFAULT_DELTA, KEYS, ordered
-from benchmark.report.statistics import bootstrap_ci, compare, holm
+from benchmark.report.statistics import Interval, bootstrap_ci, compare, hierarchical_ci, holm
 
 
 def summary_table(
@@ -61,7 +63,7 @@ def summary_table(
     out["label"] = out["method"].where(~clash, out["method"] + " [" + out["config"] + "]")
     block = [out["profile"], out["epochs"].astype("Float64").fillna(-1)]
     n_total = out[[f"{ds}_n" for ds in DATASETS]].sum(axis=1)
-    compare_rows(out, per_seed, prefixes, baseline, n_total, delta)
+    out = compare_rows(out, per_seed, prefixes, baseline, n_total, delta)
     for ds in DATASETS:
         for m in TABLE_METRICS:
             shown = out[f"{ds}_{m}_mean"].round(1)
@@ -105,9 +107,9 @@ def compare_rows(
     baseline: str,
     n_total: pd.Series,
     delta: float = DEFAULT_DELTA,
-) -> None:
-    """Fill ``<prefix>_{delta, delta_ci_low, delta_ci_high, test, t, p, p_holm, resolved,
-    pairs, mdd, seeds_needed}`` (and ``baseline_config``) of every row of ``out`` against the
+) -> pd.DataFrame:
+    """``out`` with ``<prefix>_{delta, delta_ci_low, delta_ci_high, test, t, p, p_holm,
+    resolved, pairs, mdd, seeds_needed}`` (and ``baseline_config``) of every row against the
     ``baseline`` row of its (profile, epochs) block; ``per_seed[row, prefix]`` is
     ``{seed: value}``.
 
@@ -120,13 +122,16 @@ def compare_rows(
     ref: dict[tuple, Hashable] = {}
     for row in n_total[out["method"] == baseline].sort_values(ascending=False, kind="stable").index:
         ref.setdefault(block[row], row)
-    out["baseline_config"] = None
-    for prefix in prefixes:
-        for s in COMPARISON_STATS:
-            dtype = object if s in ("test", "resolved") else float
-            out[f"{prefix}_{s}"] = pd.Series(
-                None if dtype is object else np.nan, index=out.index, dtype=dtype
-            )
+    empty = {
+        f"{prefix}_{s}": pd.Series(
+            None if s in ("test", "resolved") else np.nan,
+            index=out.index,
+            dtype=object if s in ("test", "resolved") else float,
+        )
+        for prefix in prefixes
+        for s in COMPARISON_STATS
+    }
+    out = pd.concat([out.assign(baseline_config=None), pd.DataFrame(empty)], axis=1)
     for row in out.index:
         base = ref.get(block[row])
         if base is None or base == row:
@@ -147,3 +152,76 @@ def compare_rows(
     for prefix in prefixes:
         for rows in out.groupby(block, sort=False).groups.values():
             out.loc[rows, f"{prefix}_p_holm"] = holm(out.loc[rows, f"{prefix}_p"].to_numpy())
+    return out
+
+
+def _probe_ci(
+    part: pd.DataFrame, metric: str, per_image: Mapping[str, dict | None]
+) -> tuple[Interval, str]:
+    """The interval of one row's probe metric and what it resamples: ``seeds × images`` when
+    every seed's per-image results are there (``images`` with one seed), else ``seeds``."""
+    part = part.dropna(subset=[metric])
+    data = [per_image.get(run_id) for run_id in part["run_id"]]
+    if len(data) and all(d is not None for d in data):
+        if "labels" in data[0]:
+            seeds = [(d["labels"], d["predictions"]) for d in data]
+            ci = hierarchical_ci(seeds, metric)
+        else:
+            ci = hierarchical_ci([d[metric] for d in data], "mean")
+        # the estimate: the mean of what the children logged, as the tables show it
+        ci = Interval(float(part[metric].mean()), ci.low, ci.high)
+        return ci, "images" if len(data) == 1 else "seeds × images"
+    return bootstrap_ci(part[metric]), "seeds"
+
+
+def probe_summary(
+    probes: pd.DataFrame,
+    per_image: Mapping[str, dict | None] | None = None,
+    baseline: str = "mocov2",
+    delta: float = DEFAULT_DELTA,
+) -> pd.DataFrame:
+    """One row per benchmark config with probe runs: per (dataset, probe) the seeds
+    ``<ds>_<probe>_n`` and per metric ``<ds>_<probe>_<metric>_{mean, std, ci_low, ci_high,
+    ci_kind}`` (the two-level bootstrap over seeds and test images where ``per_image`` holds
+    every seed's ``per_image.json``, else over seeds), then the comparison with ``baseline``
+    over seeds as in ``compare_rows`` (paired by probe seed, Holm over the methods of one
+    budget, MDD and seeds needed)."""
+    per_image = per_image or {}
+    if probes.empty:
+        return pd.DataFrame(columns=[*KEYS, "pretrain_hash", "config", "label"])
+    probes = probes.assign(row=probes.groupby(KEYS, dropna=False, sort=False).ngroup())
+    out = probes.drop_duplicates("row").set_index("row")[[*KEYS, "pretrain_hash"]].copy()
+    groups = dict(list(probes.groupby(["row", "dataset", "probe"])))
+    per_seed: dict[tuple, dict[int, float]] = {}
+    prefixes = []
+    new: dict[str, pd.Series] = {}
+    for (ds, probe), metrics in PROBES.items():
+        n = [len(groups[r, ds, probe]) if (r, ds, probe) in groups else 0 for r in out.index]
+        new[f"{ds}_{probe}_n"] = pd.Series(n, index=out.index, dtype=int)
+        for m in metrics:
+            key = f"{ds}_{probe}_{m}"
+            prefixes.append(key)
+            cols: dict[str, list] = {s: [] for s in ("mean", "std", "ci_low", "ci_high", "ci_kind")}
+            for r in out.index:
+                part = groups.get((r, ds, probe))
+                if part is None or part[m].isna().all():
+                    for s in cols:
+                        cols[s].append(None if s == "ci_kind" else np.nan)
+                    continue
+                ci, kind = _probe_ci(part, m, per_image)
+                cols["mean"].append(ci.estimate)
+                cols["std"].append(float(part[m].std()))
+                cols["ci_low"].append(ci.low)
+                cols["ci_high"].append(ci.high)
+                cols["ci_kind"].append(kind)
+                per_seed[r, key] = seed_values(part, m)
+            for s, v in cols.items():
+                dtype = object if s == "ci_kind" else float
+                new[f"{key}_{s}"] = pd.Series(v, index=out.index, dtype=dtype)
+    out = pd.concat([out, pd.DataFrame(new)], axis=1)
+    out["config"] = out["config_hash"].str[:8]
+    clash = out.duplicated(["profile", "method", "epochs"], keep=False)
+    out["label"] = out["method"].where(~clash, out["method"] + " [" + out["config"] + "]")
+    n_total = out[[f"{ds}_{probe}_n" for ds, probe in PROBES]].sum(axis=1)
+    out = compare_rows(out, per_seed, prefixes, baseline, n_total, delta)
+    return ordered(out).reset_index(drop=True)

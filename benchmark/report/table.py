@@ -97,6 +97,18 @@ def csv_frame(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[keep]
 
 
+def probe_csv_frame(probes: pd.DataFrame) -> pd.DataFrame:
+    """``probes.csv``: one row per benchmark config with probe runs, keys first, then per
+    (dataset, probe) its seeds and per metric the statistics of ``probe_summary``."""
+    keep = [*KEYS, "baseline_config"]
+    for (ds, probe), metrics in PROBES.items():
+        keep.append(f"{ds}_{probe}_n")
+        for m in metrics:
+            stats = ("mean", "std", "ci_low", "ci_high", "ci_kind", *COMPARISON_STATS)
+            keep += [f"{ds}_{probe}_{m}_{s}" for s in stats]
+    return probes.reindex(columns=keep)
+
+
 # ---------------------------------------------------------------------------- results.md
 
 
@@ -162,10 +174,15 @@ def section_table(rows: pd.DataFrame, baseline: str, with_paper: bool) -> str:
     return markdown_table(head, body)
 
 
-def _verdict(resolved: Any) -> str:
+def _verdict(resolved: Any, p_holm: Any) -> str:
+    """``resolved`` / ``not resolved`` from the interval; ``resolved†`` where the interval
+    excludes 0 but Holm's p does not reach 0.05, which with 2–3 seeds is common (their
+    percentile interval spans only the observed differences): a hint to add seeds."""
     if _missing(resolved):
         return DASH
-    return "resolved" if bool(resolved) else "not resolved"
+    if not bool(resolved):
+        return "not resolved"
+    return "resolved†" if _missing(p_holm) or p_holm >= 0.05 else "resolved"
 
 
 def _test_cell(row: pd.Series, prefix: str) -> str:
@@ -210,7 +227,7 @@ def comparison_table(
                 _test_cell(row, prefix),
                 _p_text(row[f"{prefix}_p"]),
                 _p_text(row[f"{prefix}_p_holm"]),
-                _verdict(row[f"{prefix}_resolved"]),
+                _verdict(row[f"{prefix}_resolved"], row[f"{prefix}_p_holm"]),
                 DASH if _missing(row[f"{prefix}_mdd"]) else f"{row[f'{prefix}_mdd']:.1f}",
                 _seeds_cell(row[f"{prefix}_seeds_needed"]),
             ]
@@ -223,6 +240,11 @@ def comparison_table(
     if not body:
         return ""
     text = markdown_table(head, body)
+    if any(line[-3] == "resolved†" for line in body):
+        text += (
+            "\n\nresolved†: the 95 % interval excludes 0 but Holm's p is ≥ 0.05: with this few "
+            "seeds the bootstrap interval is too narrow to trust alone; run more seeds."
+        )
     if alone:
         text += (
             f"\n\nNot compared (no {baseline} row with the same profile and pre-training epochs, "

@@ -6,6 +6,7 @@ out; ``conftest.built`` builds one report from it for the whole folder.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -40,6 +41,134 @@ BENCHMARKS: dict[tuple[str, str, int, str], dict[str, list[tuple[float, float]]]
     ("demo", "random", 2, "rrrr0000demo"): {"glas": [(15, 14)]},
 }
 PAPER_CONCL = ("paper", "concl", 200, "cccc2000pppp")
+PAPER_MOCOV2 = ("paper", "mocov2", 200, "mmmm2000pppp")
+PAPER_SUPERVISED = ("paper", "supervised", 200, "ssss2000pppp")  # probes only, no fine-tuning
+PAPER_CONCL_400 = ("paper", "concl", 400, "cccc4000pppp")
+
+#: The tissue probe's test set: 12 patches of 3 classes.
+TISSUE_LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+# key -> (dataset, probe) -> per seed: tissue predictions, or dense per-image Dice (%)
+PROBE_RUNS: dict[tuple, dict[tuple[str, str], list[list]]] = {
+    PAPER_MOCOV2: {
+        ("tissue", "knn"): [
+            [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 0],
+            [0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2],
+            [0, 0, 0, 0, 1, 1, 2, 1, 2, 2, 0, 2],
+        ],
+        ("glas", "dense"): [
+            [80, 82, 78, 85, 75], [81, 80, 79, 84, 76], [79, 83, 77, 86, 74],
+        ],
+    },
+    PAPER_CONCL: {
+        ("tissue", "knn"): [
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0],
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+            [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2],
+        ],
+        ("glas", "dense"): [
+            [84, 85, 82, 88, 80], [85, 84, 83, 87, 81], [83, 86, 82, 89, 79],
+        ],
+    },
+    PAPER_SUPERVISED: {
+        ("tissue", "knn"): [
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 1, 2],
+            [0, 0, 0, 0, 1, 1, 0, 1, 2, 2, 2, 1],
+        ],
+    },
+    PAPER_CONCL_400: {  # seed 2 logs no per_image.json
+        ("tissue", "knn"): [
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+            [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2],
+        ],
+    },
+    ("demo", "mocov2", 2, "aaaa1111demo"): {
+        ("tissue", "knn"): [
+            [0, 1, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+            [0, 0, 0, 0, 1, 2, 1, 1, 2, 2, 2, 2],
+        ],
+    },
+    ("demo", "random", 2, "rrrr0000demo"): {
+        ("tissue", "knn"): [
+            [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2],
+            [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        ],
+    },
+}  # fmt: skip
+NO_PER_IMAGE = (PAPER_CONCL_400, ("tissue", "knn"), 2)
+
+
+def bacc_by_hand(labels: list[int], predictions: list[int]) -> float:
+    """Mean over the classes in ``labels`` of the share of that class predicted right, in %."""
+    classes = sorted(set(labels))
+    recalls = []
+    for c in classes:
+        hits = [p == c for y, p in zip(labels, predictions, strict=True) if y == c]
+        recalls.append(sum(hits) / len(hits))
+    return 100 * sum(recalls) / len(recalls)
+
+
+def f1_by_hand(labels: list[int], predictions: list[int]) -> float:
+    """Mean over the classes in ``labels`` of 2 TP / (2 TP + FP + FN), in %."""
+    scores = []
+    for c in sorted(set(labels)):
+        pairs = list(zip(labels, predictions, strict=True))
+        tp = sum(y == c and p == c for y, p in pairs)
+        fp = sum(y != c and p == c for y, p in pairs)
+        fn = sum(y == c and p != c for y, p in pairs)
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return 100 * sum(scores) / len(scores)
+
+
+def iou_of(dice: float) -> float:
+    """IoU of one image from its Dice (%): J = D / (2 − D) on fractions."""
+    return 100 * (dice / 100) / (2 - dice / 100)
+
+
+def probe_metrics(ds: str, spec: list) -> tuple[dict[str, float], dict]:
+    """The child's metrics and ``per_image.json`` of one probe seed in ``PROBE_RUNS``."""
+    if ds == "tissue":
+        metrics = {
+            "balanced_accuracy": bacc_by_hand(TISSUE_LABELS, spec),
+            "macro_f1": f1_by_hand(TISSUE_LABELS, spec),
+        }
+        per_image = {"labels": TISSUE_LABELS, "predictions": spec, "classes": ["a", "b", "c"]}
+        return metrics, per_image
+    iou = [iou_of(d) for d in spec]
+    metrics = {"dice": statistics.fmean(spec), "iou": statistics.fmean(iou)}
+    return metrics, {"dice": [float(d) for d in spec], "iou": iou}
+
+
+def probe_values(key, ds: str, probe: str, metric: str) -> list[float]:
+    return [probe_metrics(ds, spec)[0][metric] for spec in PROBE_RUNS[key][ds, probe]]
+
+
+def add_probe(tracker, parent, ds, probe, seed, metrics, per_image=None, status="FINISHED"):
+    child, _ = tracker.child_run(parent, "probe", {"dataset": ds, "probe": probe, "seed": seed})
+    tracker.log_metrics(child, {**metrics, "time_s": 0.5}, step=0)
+    if per_image is not None:
+        tracker.log_text(child, json.dumps(per_image), "per_image.json")
+    tracker.finish(child, status)
+    return child
+
+
+def fill_probes(tracker: Tracker, ids: dict[str, str]) -> None:
+    """The probe runs of ``PROBE_RUNS`` plus those the report must leave out."""
+    for key, per in PROBE_RUNS.items():
+        if key[3] not in ids:
+            ids[key[3]] = add_benchmark(tracker, *key)
+            tracker.finish(ids[key[3]])
+        for (ds, probe), specs in per.items():
+            for seed, spec in enumerate(specs, start=1):
+                metrics, per_image = probe_metrics(ds, spec)
+                if (key, (ds, probe), seed) == NO_PER_IMAGE:
+                    per_image = None
+                run = add_probe(tracker, ids[key[3]], ds, probe, seed, metrics, per_image)
+                ids[f"{key[3]}/{ds}/{probe}/{seed}"] = run
+    concl = ids[PAPER_CONCL[3]]
+    # not results: a running and a failed probe, a probe the report does not know
+    add_probe(tracker, concl, "tissue", "knn", 4, {"balanced_accuracy": 0.0}, status="RUNNING")
+    add_probe(tracker, concl, "glas", "dense", 4, {"dice": 0.0, "iou": 0.0}, status="FAILED")
+    add_probe(tracker, concl, "tissue", "svm", 1, {"balanced_accuracy": 99.0})
 
 
 def add_benchmark(tracker: Tracker, profile, method, epochs, chash, tags=None) -> str:
@@ -96,6 +225,7 @@ def fill(tracker: Tracker) -> dict[str, str]:
     for seed in (2, 3, 4):
         run = ids[f"{PAPER_CONCL[3]}/glas/{seed}"]
         tracker.log_metrics(run, {"train_loss": 2.0 + seed}, step=10)
+    fill_probes(tracker, ids)
     return ids
 
 

@@ -18,9 +18,11 @@ def test_figures_and_tables_are_logged_to_a_report_run(built):
     names = {p.name for p in result.figures}
     assert names == {
         f"{kind}_{profile}.png"
-        for kind in ("ap_vs_epochs", "seeds", "pretrain_loss", "finetune_loss")
+        for kind in ("ap_vs_epochs", "seeds", "pretrain_loss", "finetune_loss", "probes")
         for profile in ("paper", "demo")
-    } - {"pretrain_loss_demo.png", "finetune_loss_demo.png"}  # no demo histories logged
+    } - {"pretrain_loss_demo.png", "finetune_loss_demo.png"} | {  # no demo histories logged
+        "probes_vs_epochs_paper.png"  # demo probes have one pre-training budget only
+    }
     for path in result.figures:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
         assert f"]({path.name})" in built.md
@@ -30,7 +32,7 @@ def test_figures_and_tables_are_logged_to_a_report_run(built):
     assert (run.data.tags["stage"], run.data.tags["run_kind"]) == ("report", "report")
     assert run.info.run_name.startswith("report ")
     logged = {a.path for a in client.list_artifacts(result.run_id)}
-    assert logged == names | {"results.md", "results.csv"}
+    assert logged == names | {"results.md", "results.csv", "probes.csv"}
 
 
 def test_empty_store_is_one_clear_error_and_writes_nothing(built, tmp_path: Path, monkeypatch):

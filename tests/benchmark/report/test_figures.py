@@ -10,7 +10,7 @@ from benchmark.report.runs import METHOD_ORDER
 
 def test_every_method_keeps_one_colour():
     assert [method_color(m) for m in METHOD_ORDER] == [f"C{i}" for i in range(7)]
-    assert method_color("random") == "0.45"
+    assert method_color("random") == "0.45" and method_color("supervised") == "0.1"
     assert method_color("weights-0a1b2c") == method_color("weights-0a1b2c")
     assert method_color("weights-0a1b2c") in {"C7", "C8", "C9"}
 
