@@ -25,7 +25,7 @@ DASHBOARD_PORT ?= 8080
 COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark finetune test lint format bench gpu-check ui methods report \
+.PHONY: install data pretrain benchmark finetune table test lint format bench gpu-check ui methods report \
 	tune tune-best dashboard
 
 install: $(STAMP)
@@ -45,6 +45,19 @@ pretrain: $(STAMP)
 # Pre-train (or reuse), fine-tune on GlaS and CRAG for SEEDS seeds, aggregate, print the table.
 benchmark: $(STAMP)
 	$(PY) -m benchmark benchmark $(RUN_OPTS)
+
+# The study table: every method plus the supervised and random reference rows, each with its
+# probes and detector seeds, then the report against BASELINE. PROFILE=auto means the CPU study
+# profile here (`cpu`: the demo with 3 seeds); resumable like every benchmark.
+TABLE_METHODS ?= simclr byol pcl mocov1 mocov2 densecl concl supervised random
+TABLE_PROFILE  = $(if $(filter auto,$(PROFILE)),cpu,$(PROFILE))
+table: $(STAMP)
+	@set -e; for m in $(TABLE_METHODS); do \
+		$(PY) -m benchmark benchmark --method $$m --profile $(TABLE_PROFILE) --gpus $(GPUS) \
+			$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+			$(foreach f,$(CONFIG),--config $(f)) $(ARGS); \
+	done
+	$(PY) -m benchmark report --baseline $(BASELINE)
 
 # Score someone else's torchvision-format ResNet-18 weights: make finetune WEIGHTS=path.pth
 finetune: $(STAMP)

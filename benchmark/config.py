@@ -7,9 +7,10 @@ names the file or the override that caused it):
 2. ``experiments/paper/<method>.yaml``: the method's paper config (the values of
    ``configs/NCT_pretraining/<method>/`` in ``TencentAILabHealthcare/ConCL``), the base of
    every profile;
-3. ``experiments/<profile>.yaml``: the profile (``paper`` or ``demo``);
+3. ``experiments/<profile>.yaml``: the profile (``paper``, ``demo`` or ``cpu``);
 4. ``experiments/<profile>/<method>.yaml``: the profile's overrides for that method, if any
-   (for ``paper`` this is layer 2 itself);
+   (for ``paper`` this is layer 2 itself). A profile built on another (``cpu`` on ``demo``,
+   ``PROFILE_BASES``) takes the base's layers 3 and 4 first, then its own;
 5. ``--config FILE`` files, in order;
 6. ``key=value`` overrides from the command line or the Makefile.
 """
@@ -31,7 +32,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from benchmark.core.contracts import MethodConfig
 from benchmark.core.errors import UserError
 from benchmark.core.registry import get_method
-from benchmark.core.schema import DATASETS, OPTIMIZERS, PROBES, PROFILES
+from benchmark.core.schema import DATASETS, OPTIMIZERS, PROBES, PROFILE_BASES, PROFILES
 
 #: ResNet stages the dense probe can read.
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -375,6 +376,14 @@ def resolve_profile(profile: str) -> tuple[str, str]:
     )
 
 
+def profile_chain(profile: str) -> list[str]:
+    """``profile`` after the profiles it builds on: ``cpu`` -> ``[demo, cpu]``."""
+    chain = [profile]
+    while chain[0] in PROFILE_BASES:
+        chain.insert(0, PROFILE_BASES[chain[0]])
+    return chain
+
+
 def real_data_ready() -> bool:
     root = REAL_PRETRAIN_ROOT
     return root.is_dir() and any(p.suffix.lower() in (".tif", ".tiff") for p in root.glob("*/*"))
@@ -398,9 +407,11 @@ def load_config(
     if announce:
         print(f"==> profile: {concrete} ({why})", file=sys.stderr, flush=True)
     root = experiments_dir()
-    layers = [root / "paper" / f"{method}.yaml", root / f"{concrete}.yaml"]
-    if concrete != "paper":
-        layers.append(root / concrete / f"{method}.yaml")
+    layers = [root / "paper" / f"{method}.yaml"]
+    for name in profile_chain(concrete):
+        layers.append(root / f"{name}.yaml")
+        if name != "paper":
+            layers.append(root / name / f"{method}.yaml")
     for path in layers:
         if path.is_file():
             cfg = merge(cfg, load_yaml(path), str(path))
@@ -569,9 +580,10 @@ def finetune_hash(cfg: DictConfig) -> str:
 
 def probe_hash(cfg: DictConfig) -> str:
     """What the probe tier computes: the ``probe`` section, the view size it resizes patches
-    to, and the gland datasets' sources (the dense probe trains on them)."""
+    to, and the gland datasets' sources (the dense probe trains on them). The number of
+    seeds is left out: results live per seed, so more seeds add to the fewer ones."""
     tree = to_container(cfg)
-    for key in UNHASHED_KEYS:
+    for key in (*UNHASHED_KEYS, "probe.seeds"):
         _drop(tree, key)
     glands = {
         name: {k: v for k, v in tree["finetune"][name].items() if k.startswith("synthetic")}

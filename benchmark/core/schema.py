@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-#: Profiles a config can resolve to (``auto`` picks one of them).
-PROFILES = ("paper", "demo")
+#: Profiles a config can resolve to (``auto`` picks paper or demo), in table order.
+PROFILES = ("paper", "cpu", "demo")
+#: Profiles built on another one: its layers first, then their own.
+PROFILE_BASES = {"cpu": "demo"}
 #: The fine-tuning datasets and how tables and figures spell them.
 DATASET_TITLES = {"glas": "GlaS", "crag": "CRAG"}
 DATASETS = tuple(DATASET_TITLES)

@@ -120,8 +120,30 @@ def test_auto_profile_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
 
 
 def test_unknown_profile():
-    with pytest.raises(ConfigError, match="unknown profile 'fast'; use one of: auto, paper, demo"):
+    with pytest.raises(
+        ConfigError, match="unknown profile 'fast'; use one of: auto, paper, cpu, demo"
+    ):
         load_config("mocov2", "fast", announce=False)
+
+
+def test_cpu_study_profile_is_the_demo_with_more_seeds_and_reuses_its_pre_training():
+    from benchmark.config import finetune_hash, pretrain_hash, probe_hash, to_container
+
+    study = load_config("mocov2", "cpu", announce=False)
+    demo_cfg = load_config("mocov2", "demo", announce=False)
+    assert study.profile == "cpu"
+    assert study.method.queue_size == demo_cfg.method.queue_size  # demo/mocov2.yaml applies
+    assert (study.finetune.seeds, study.probe.seeds) == (3, 3)
+    assert pretrain_hash(study) == pretrain_hash(demo_cfg)
+    assert finetune_hash(study) != finetune_hash(demo_cfg)  # the number of seeds is hashed
+    assert probe_hash(study) == probe_hash(demo_cfg)  # per-seed results: more seeds add
+    assert probe_hash(demo("probe.seeds=5")) == probe_hash(demo_cfg)
+    assert probe_hash(demo("probe.tissue.knn_k=5")) != probe_hash(demo_cfg)
+    assert probe_hash(demo("probe.num_workers=0")) == probe_hash(demo_cfg)
+    a, b = to_container(study), to_container(demo_cfg)
+    for tree in (a, b):
+        del tree["profile"], tree["finetune"]["seeds"], tree["probe"]["seeds"]
+    assert a == b
 
 
 def test_flatten():
