@@ -16,10 +16,10 @@ def demo(*overrides: str, files: tuple[str, ...] = ()):
 def test_layers_apply_in_order():
     cfg = demo()
     # paper/mocov2.yaml sets the paper value; demo/mocov2.yaml shrinks it for the CPU demo
-    assert cfg.method.queue_size == 4096
+    assert cfg.method.queue_size == 512
     assert cfg.method.temperature == 0.2
     assert cfg.pretrain.batch_size == 32  # demo.yaml overrides the method's 256
-    assert cfg.optim.lr == 0.03
+    assert (cfg.optim.lr, cfg.optim.scale_lr) == (0.06, False)  # demo/mocov2.yaml, calibrated
     assert cfg.profile == "demo"
 
 

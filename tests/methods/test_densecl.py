@@ -75,7 +75,7 @@ def test_paper_and_demo_configs() -> None:
     )
     assert (paper.pretrain.batch_size, paper.pretrain.bn_batch_size) == (256, 32)
     demo = load_config("densecl", "demo", announce=False)
-    assert (demo.method.queue_size, demo.method.loss_lambda) == (4096, 0.5)
+    assert (demo.method.queue_size, demo.method.loss_lambda) == (512, 0.5)
     model = get_method("densecl")(
         DenseCLConfig(**demo.method),
         BuildContext(World(), image_size=64, local_batch_size=32, bn_batch_size=16),

@@ -52,7 +52,7 @@ def test_paper_and_demo_configs() -> None:
     )
     assert (o.weight_decay, o.warmup_epochs, paper.pretrain.batch_size) == (1e-4, 0, 256)
     demo = load_config("mocov1", "demo", announce=False)
-    assert (demo.method.temperature, demo.method.queue_size) == (0.07, 4096)
+    assert (demo.method.temperature, demo.method.queue_size) == (0.07, 512)
     assert (demo.optim.schedule, list(demo.optim.milestones)) == ("step", [120, 160])
 
 
