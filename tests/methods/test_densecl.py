@@ -80,7 +80,7 @@ def test_paper_and_demo_configs() -> None:
         DenseCLConfig(**demo.method),
         BuildContext(World(), image_size=64, local_batch_size=32, bn_batch_size=16),
     )
-    assert model.queue.size == model.queue_dense.size == 4096
+    assert model.queue.size == model.queue_dense.size == 512
 
 
 def test_match_cells_inverts_a_known_permutation() -> None:
