@@ -38,7 +38,9 @@ def runs(tag_filter: str) -> list:
 
 
 def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(tiny, tmp_path: Path):
-    cfg = tiny(tmp_path)
+    # the paper's linear LR scaling (the demo's MoCo-v2 file turns it off for 0.06 at 32)
+    scaled = ("optim.lr=0.03", "optim.scale_lr=true")
+    cfg = tiny(tmp_path, *scaled)
     result = run_pretrain(cfg, World())
     assert result.epochs_done == 2 and not result.already_finished
 
@@ -69,7 +71,7 @@ def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(tiny, tmp_pat
     assert torch.equal(state["conv1.weight"], result.method.backbone().conv1.weight.detach())
 
     # the same command again: nothing re-runs, nothing is duplicated
-    again = run_pretrain(tiny(tmp_path), World())
+    again = run_pretrain(tiny(tmp_path, *scaled), World())
     assert again.already_finished
     assert len(runs("tags.run_kind = 'benchmark'")) == 1
     assert len(runs("tags.stage = 'pretrain'")) == 1
