@@ -84,7 +84,8 @@ class _Features:
             self.cache = {k: v for k, v in self.cache.items() if k[1] == key[1]}
             trunk = self._trunk(key[1])
             if what == "tissue":
-                self.cache[key] = tissue.tissue_features(self.cfg, trunk, self.device)
+                seeds = [seed] if self.weights is None else range(1, probe_seeds(self.cfg) + 1)
+                self.cache[key] = tissue.tissue_features(self.cfg, trunk, self.device, seeds)
             else:
                 self.cache[key] = self._dense(what, trunk)
         return self.cache[key]
@@ -104,9 +105,7 @@ class _Features:
 
 def _tissue(cfg: DictConfig, feats: tissue.TissueFeatures, probe: str, seed: int) -> dict:
     t = cfg.probe.tissue
-    labels = feats.train_labels.numpy()
-    pick = tissue.draw_training(labels, t.train_per_class, seed)
-    train, train_labels = feats.train[pick], feats.train_labels[pick]
+    train, train_labels, drawn = feats.draw(t.train_per_class, seed)
     if probe == "knn":
         pred = knn_predict(
             train, train_labels, feats.test, len(feats.classes), t.knn_k, t.knn_temperature
@@ -121,7 +120,7 @@ def _tissue(cfg: DictConfig, feats: tissue.TissueFeatures, probe: str, seed: int
         "predictions": np.asarray(pred).astype(int).tolist(),
         "classes": feats.classes,
     }
-    return {**classification_scores(truth, np.asarray(pred)), "train_images": len(pick)}, per_image
+    return {**classification_scores(truth, np.asarray(pred)), "train_images": drawn}, per_image
 
 
 def _dense(cfg: DictConfig, feats: dict[str, list], seed: int) -> tuple[dict, dict]:

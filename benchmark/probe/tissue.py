@@ -9,13 +9,14 @@ missing from one of them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from benchmark.data.pretrain import DatasetError, PretrainImageDataset
 from benchmark.data.seeding import mix_seed
@@ -100,21 +101,38 @@ def draw_training(labels: np.ndarray, per_class: int | None, seed: int) -> np.nd
 
 @dataclass
 class TissueFeatures:
-    """Pooled features and labels of both sets for one trunk."""
+    """Pooled features of one trunk: the training images some seed draws (``train_index``
+    into the training set, sorted) and every test image."""
 
     train: torch.Tensor
     train_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
+    train_index: np.ndarray
+    #: Labels of the whole training set, from which each seed draws.
+    all_train_labels: np.ndarray
+
+    def draw(self, per_class: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The features and labels ``seed`` draws, and how many."""
+        pick = draw_training(self.all_train_labels, per_class, seed)
+        rows = torch.from_numpy(np.searchsorted(self.train_index, pick))
+        return self.train[rows], self.train_labels[rows], len(pick)
 
 
-def tissue_features(cfg: DictConfig, trunk, device: torch.device) -> TissueFeatures:
+def tissue_features(
+    cfg: DictConfig, trunk, device: torch.device, seeds: Sequence[int]
+) -> TissueFeatures:
+    """Features of the training images that ``seeds`` draw (not all 100 000 of NCT) and of
+    the test set."""
     t, p = cfg.probe.tissue, cfg.probe
     classes = class_names(t.train_root, t.test_root)
+    train = LabelledPatches(t.train_root, cfg.data.image_size, classes)
+    labels = train.labels.numpy()
+    index = np.unique(np.concatenate([draw_training(labels, t.train_per_class, s) for s in seeds]))
+    test = LabelledPatches(t.test_root, cfg.data.image_size, classes)
     out = []
-    for root in (t.train_root, t.test_root):
-        data = LabelledPatches(root, cfg.data.image_size, classes)
+    for data in (Subset(train, index.tolist()), test):
         loader = DataLoader(
             data,
             batch_size=p.batch_size,
@@ -122,4 +140,4 @@ def tissue_features(cfg: DictConfig, trunk, device: torch.device) -> TissueFeatu
             pin_memory=device.type == "cuda",
         )
         out.extend(pooled_features(trunk, loader, device))
-    return TissueFeatures(*out, classes=classes)
+    return TissueFeatures(*out, classes=classes, train_index=index, all_train_labels=labels)

@@ -47,3 +47,28 @@ def test_training_draw_caps_each_class_and_depends_on_the_seed():
     assert np.array_equal(pick, draw_training(labels, 4, seed=1))
     assert not np.array_equal(pick, draw_training(labels, 4, seed=2))
     assert np.array_equal(draw_training(labels, None, seed=1), np.arange(len(labels)))
+
+
+def test_features_hold_only_the_drawn_images_and_each_seed_finds_its_own():
+    import torch
+
+    from benchmark.probe.tissue import TissueFeatures
+
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 6)
+    index = np.unique(np.concatenate([draw_training(labels, 4, s) for s in (1, 2)]))
+    assert len(index) < len(labels)  # the union of two draws, not the whole set
+    feats = TissueFeatures(
+        train=torch.tensor(index, dtype=torch.float32)[:, None],  # a feature = its image index
+        train_labels=torch.from_numpy(labels[index]),
+        test=torch.zeros(1, 1),
+        test_labels=torch.zeros(1, dtype=torch.long),
+        classes=["a", "b", "c"],
+        train_index=index,
+        all_train_labels=labels,
+    )
+    for seed in (1, 2):
+        x, y, n = feats.draw(4, seed)
+        pick = draw_training(labels, 4, seed)
+        assert n == len(pick) == 11
+        assert x[:, 0].long().tolist() == pick.tolist()
+        assert y.tolist() == labels[pick].tolist()
