@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.schema import DATASETS, PROBES, TABLE_METRICS
-from benchmark.report.runs import COMPARISON_STATS, DEFAULT_DELTA, KEYS, ordered
+from benchmark.report.runs import COMPARISON_STATS, DEFAULT_DELTA, KEYS, NO_PRETRAINING, ordered
 from benchmark.report.statistics import Interval, bootstrap_ci, compare, hierarchical_ci, holm
 
 
@@ -119,6 +119,9 @@ def compare_rows(
     metric): the family of questions "is this method different from the baseline here?".
     ``resolved`` is None where there is no interval (nothing to compare)."""
     block = block_keys(out)
+    if baseline in NO_PRETRAINING:
+        # a baseline without pre-training has no budget: every row of its profile compares
+        block = pd.Series([(p,) for p in out["profile"]], index=out.index)
     ref: dict[tuple, Hashable] = {}
     for row in n_total[out["method"] == baseline].sort_values(ascending=False, kind="stable").index:
         ref.setdefault(block[row], row)
