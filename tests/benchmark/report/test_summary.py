@@ -186,3 +186,27 @@ def test_summary_table_is_pure_and_published_file_matches_readme():
     )
     assert mocov2["glas_bbox_AP_paper_delta"] == pytest.approx(54.0 - 54.6)
     assert out["crag_n"].tolist() == [0, 0]
+
+
+def test_random_init_as_baseline_compares_with_every_pre_trained_row_of_its_profile():
+    per = {
+        "mocov2": ([50.0, 52.0, 51.0], 200),
+        "concl": ([55.0, 56.0, 58.0], 400),
+        "random": ([40.0, 41.0, 39.0], None),
+    }
+    rows = [(m, i + 1, v) for m, (vs, _) in per.items() for i, v in enumerate(vs)]
+    epochs = [per[m][1] for m, _, _ in rows]
+    got = summary_table(_seeds(rows, epochs), baseline="random").set_index("method")
+    raw = {m: paired_by_hand(per[m][0], per["random"][0])[2] for m in ("mocov2", "concl")}
+    for m in raw:  # different budgets, one family: the profile
+        assert got.at[m, "glas_bbox_AP_delta"] == pytest.approx(
+            statistics.fmean(per[m][0]) - statistics.fmean(per["random"][0])
+        )
+        assert got.at[m, "glas_bbox_AP_p"] == pytest.approx(raw[m])
+    small, large = sorted(raw.values())
+    holm = {
+        m: min(1.0, 2 * p) if p == small else max(min(1.0, 2 * small), p) for m, p in raw.items()
+    }
+    for m, p_holm in holm.items():
+        assert got.at[m, "glas_bbox_AP_p_holm"] == pytest.approx(p_holm)
+    assert math.isnan(got.at["random", "glas_bbox_AP_p"])
