@@ -452,12 +452,26 @@ def open_finetune_run(
     """The (dataset, seed) fine-tuning child of ``parent_id``; ``True`` when it had already
     FINISHED and its metrics are on disk (``scored``): nothing to do. Otherwise it is marked
     running (with its params on first use)."""
-    child, created = tracker.child_run(parent_id, "finetune", {"dataset": name, "seed": seed})
+    section = to_container(cfg)["finetune"]
+    params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
+    params.update(flatten(section[name], f"{name}."))
+    params.update({"weights": str(weights), "finetune_hash": finetune_hash(cfg)})
+    tags = {"dataset": name, "seed": seed}
+    return _open_scored_child(tracker, parent_id, "finetune", tags, params, scored)
+
+
+def _open_scored_child(
+    tracker: Tracker,
+    parent_id: str | None,
+    stage: str,
+    tags: Mapping[str, Any],
+    params: Mapping[str, Any],
+    scored: bool,
+) -> tuple[str | None, bool]:
+    """The ``stage`` child with ``tags``: ``True`` when it had FINISHED and its result is on
+    disk (``scored``); otherwise marked running, with ``params`` logged on first use."""
+    child, created = tracker.child_run(parent_id, stage, tags)
     if created:
-        section = to_container(cfg)["finetune"]
-        params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
-        params.update(flatten(section[name], f"{name}."))
-        params.update({"weights": str(weights), "finetune_hash": finetune_hash(cfg)})
         tracker.log_params(child, params)
     elif scored and tracker.status(child) == "FINISHED":
         return child, True
@@ -477,16 +491,10 @@ def open_probe_run(
 ) -> tuple[str | None, bool]:
     """The (dataset, probe, seed) child of ``parent_id``, as ``open_finetune_run`` does it:
     ``True`` when it had FINISHED and its metrics are on disk (``scored``)."""
+    section = to_container(cfg)["probe"]
+    params = flatten({k: v for k, v in section.items() if k not in ("tissue", "dense")})
+    part = "dense" if probe == "dense" else "tissue"
+    params.update(flatten(section[part], f"{part}."))
+    params.update({"weights": str(weights), "probe_hash": probe_hash(cfg)})
     tags = {"dataset": dataset, "probe": probe, "seed": seed}
-    child, created = tracker.child_run(parent_id, "probe", tags)
-    if created:
-        section = to_container(cfg)["probe"]
-        params = flatten({k: v for k, v in section.items() if k not in ("tissue", "dense")})
-        part = "dense" if probe == "dense" else "tissue"
-        params.update(flatten(section[part], f"{part}."))
-        params.update({"weights": str(weights), "probe_hash": probe_hash(cfg)})
-        tracker.log_params(child, params)
-    elif scored and tracker.status(child) == "FINISHED":
-        return child, True
-    tracker.set_running(child)
-    return child, False
+    return _open_scored_child(tracker, parent_id, "probe", tags, params, scored)
