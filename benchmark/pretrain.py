@@ -30,6 +30,7 @@ from benchmark.data.seeding import (
     EpochTaggedSampler,
     IndexedSamples,
     SeededSamples,
+    epoch_batches,
     mix_seed,
 )
 from benchmark.tracking import (
@@ -410,7 +411,9 @@ def _pretrain(
             loader.sampler.set_epoch(epoch)
             progress = Progress(world, epoch, epochs, steps_per_epoch, cfg.pretrain.batch_size)
             try:
-                metrics = trainer.train_epoch(loader, epoch, progress)
+                # a resumed first epoch creates its persistent workers off the model stream
+                batches = epoch_batches(loader, epoch, start_epoch)
+                metrics = trainer.train_epoch(batches, epoch, progress)
             finally:
                 progress.close()
             done = epoch + 1

@@ -12,9 +12,12 @@ from torchvision.transforms.functional import to_tensor
 from benchmark.data.pretrain import DatasetError, PretrainImageDataset
 from benchmark.data.seeding import (
     DATA_STREAM,
+    FINETUNE_DATA_STREAM,
     MODEL_STREAM,
     EpochTaggedSampler,
+    OffStreamIteration,
     SeededSamples,
+    epoch_batches,
     mix_seed,
 )
 
@@ -68,6 +71,58 @@ def test_sampler_tags_the_epoch_and_follows_distributed_order():
     tagged.set_epoch(5)
     assert list(tagged) == [(5, i) for i in base]
     assert len(tagged) == len(base) == 6
+
+
+def test_sampler_starts_at_an_offset_for_one_epoch_only():
+    def tagged() -> EpochTaggedSampler:
+        return EpochTaggedSampler(DistributedSampler(RandomDraw(), 1, 0, shuffle=True, seed=3))
+
+    full, offset = tagged(), tagged()
+    full.set_epoch(2)
+    offset.set_epoch(2, skip=5)
+    assert list(offset) == list(full)[5:] and len(offset) == 7
+    offset.set_epoch(3)
+    full.set_epoch(3)
+    assert list(offset) == list(full) and len(offset) == 12
+    with pytest.raises(ValueError, match="skip"):
+        offset.set_epoch(0, skip=13)
+
+
+def test_stream_keys_the_seed_of_a_sample():
+    ds = SeededSamples(RandomDraw(), seed=7, stream=FINETUNE_DATA_STREAM)
+    torch.manual_seed(mix_seed(FINETUNE_DATA_STREAM, 7, 1, 4))
+    assert torch.equal(ds[(1, 4)], torch.rand(3))
+    assert not torch.equal(ds[(1, 4)], SeededSamples(RandomDraw(), seed=7)[(1, 4)])
+
+
+def _persistent_loader() -> DataLoader:
+    return DataLoader(RandomDraw(), batch_size=6, num_workers=1, persistent_workers=True)
+
+
+def test_first_iterator_of_a_resumed_run_leaves_the_global_rng_alone():
+    torch.manual_seed(5)
+    untouched = torch.rand(2)
+    # an uninterrupted run's first epoch still draws the workers' base seed (one draw) ...
+    torch.manual_seed(5)
+    loader = _persistent_loader()
+    assert epoch_batches(loader, 0, first_epoch=0) is loader
+    assert len(list(loader)) == 2
+    assert not torch.equal(torch.rand(2), untouched)
+    # ... a later epoch of the same process reuses the workers and draws nothing
+    torch.manual_seed(5)
+    assert epoch_batches(loader, 1, first_epoch=0) is loader
+    assert len(list(loader)) == 2
+    assert torch.equal(torch.rand(2), untouched)
+    # a resumed run's first epoch (> 0) creates its workers off the stream, like the above
+    torch.manual_seed(5)
+    resumed = _persistent_loader()
+    batches = epoch_batches(resumed, 3, first_epoch=3)
+    assert isinstance(batches, OffStreamIteration)
+    assert len(list(batches)) == 2
+    assert torch.equal(torch.rand(2), untouched)
+    # without persistent workers every epoch makes an iterator, resumed or not
+    plain = DataLoader(RandomDraw(), batch_size=6)
+    assert epoch_batches(plain, 3, first_epoch=3) is plain
 
 
 def test_mix_seed_streams_differ():
