@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from benchmark.data.markers import publish, read_marker, refuse_existing
+from benchmark.data.pretrain import DatasetError
 from benchmark.data.synthetic import (
     _E_REF,
     _H_REF,
@@ -588,7 +589,7 @@ def _write_glas_range(
             seed, GLAS_SPLITS[split], index, height, width, scale
         )
         if labels.max() > 255:
-            raise ValueError(
+            raise DatasetError(
                 f"{labels.max()} glands do not fit an 8-bit annotation: use a smaller size"
             )
         name = f"{split}_{index}"
@@ -652,7 +653,7 @@ def _write_atomically(root: Path, wanted: dict, fill) -> Path:
 
 def _check_size(height: int, width: int) -> None:
     if height < 16 or width < 16:
-        raise ValueError(f"images must be at least 16 x 16 px, got {height} x {width}")
+        raise DatasetError(f"images must be at least 16 x 16 px, got {height} x {width}")
 
 
 def write_glas_raw(
@@ -670,11 +671,11 @@ def write_glas_raw(
 
     Files: ``{train,testA,testB}_{i}.bmp`` (RGB, i from 1), ``..._anno.bmp`` (8-bit instance ids)
     and ``Grade.csv`` (one row per image; the grade matches the morphology drawn). Complete sets
-    with the same parameters are reused; anything else at ``root`` raises ``ValueError``.
+    with the same parameters are reused; anything else at ``root`` raises ``DatasetError``.
     """
     counts = {"train": num_train, "testA": num_test_a, "testB": num_test_b}
     if num_train < 1 or min(counts.values()) < 0:
-        raise ValueError(f"need at least one training image and no negative counts, got {counts}")
+        raise DatasetError(f"need at least one training image and no negative counts, got {counts}")
     _check_size(height, width)
     wanted = {
         "dataset": "glas",
@@ -723,7 +724,7 @@ def write_crag_raw(
     ``valid/Annotation/test_{i}.png`` (8-bit instance ids, 16-bit if an image has > 255 glands).
     Reuse and refusal as in ``write_glas_raw``."""
     if num_train < 1 or num_valid < 0:
-        raise ValueError(f"need num_train >= 1 and num_valid >= 0, got {num_train}, {num_valid}")
+        raise DatasetError(f"need num_train >= 1 and num_valid >= 0, got {num_train}, {num_valid}")
     _check_size(height, width)
     wanted = {
         "dataset": "crag",

@@ -3,6 +3,7 @@ marker says it was finished with the same settings, and never deleted by the sui
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -11,6 +12,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmark.data.pretrain import DatasetError
 
 MARKER_NAME = ".complete"
 
@@ -25,13 +28,16 @@ def read_marker(root: Path) -> dict[str, Any] | None:
 
 
 def refuse_existing(root: Path, wanted: dict[str, Any], incomplete: str = "") -> None:
-    """Raise a one-line ValueError unless ``root`` is an empty folder.
+    """Raise a one-line ``DatasetError`` (a ``ValueError`` and a user error, so the CLI prints
+    it as one line) unless ``root`` is an empty folder.
 
     ``incomplete`` describes what is missing when the marker matches ``wanted`` but the set
     is still unusable (e.g. its list file was removed).
     """
     if not root.is_dir():
-        raise ValueError(f"{root} exists and is not a folder: move it away or choose another root")
+        raise DatasetError(
+            f"{root} exists and is not a folder: move it away or choose another root"
+        )
     if not any(root.iterdir()):
         return
     found = read_marker(root)
@@ -43,7 +49,7 @@ def refuse_existing(root: Path, wanted: dict[str, Any], incomplete: str = "") ->
     else:
         what = f"is an incomplete synthetic set{f' ({incomplete})' if incomplete else ''}"
     asked = ", ".join(f"{k}={v}" for k, v in wanted.items())
-    raise ValueError(
+    raise DatasetError(
         f"{root} {what}, not {asked}: delete it with `rm -rf {shlex.quote(str(root))}` "
         "and run again, or choose another root"
     )
@@ -58,9 +64,12 @@ def publish(
     a concurrent writer finished the same set first (then ours is discarded). The sibling
     is on the same file system, so the rename is atomic, and ``mkdir`` honours the umask.
     """
-    root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_error(root, exc) from exc
     try:
         fill(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
@@ -71,7 +80,25 @@ def publish(
                 shutil.rmtree(tmp, ignore_errors=True)
                 return root
             raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise write_error(root, exc) from exc
         raise
     return root
+
+
+#: OS errors a user fixes by freeing space or choosing another folder, not by reading a trace.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def write_error(root: Path, exc: OSError) -> DatasetError:
+    """One line for a set that cannot be written at ``root``: full disk, read-only or no
+    permission, saying what to do (nothing was left behind: the partial folder is removed)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space or choose another root"
+    else:
+        todo = "choose a writable root"
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DatasetError(f"cannot write {root}: {reason}{where}: {todo}")

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from benchmark.data.markers import MARKER_NAME, publish, read_marker, refuse_existing
+from benchmark.data.pretrain import DatasetError
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -681,16 +682,17 @@ def write_pretrain_set(
     The set is built in a temporary sibling folder and renamed into place, with the ``.complete``
     marker written last, so an interrupted run never leaves something that looks finished. An
     existing complete set with the same parameters is kept as is; anything else already at ``root``
-    raises ``ValueError`` rather than being deleted. ``workers`` (default: one per available CPU for
-    large sets) only changes speed, never the bytes written.
+    raises ``DatasetError`` (a ``ValueError`` the CLI prints as one line) rather than being
+    deleted. ``workers`` (default: one per available CPU for large sets) only changes speed,
+    never the bytes written.
     """
     root = Path(root)
     if num_images < 1:
-        raise ValueError(f"num_images must be positive, got {num_images}")
+        raise DatasetError(f"num_images must be positive, got {num_images}: ask for 1 or more")
     if size < 8:
-        raise ValueError(f"size must be at least 8 px, got {size}")
+        raise DatasetError(f"size must be at least 8 px, got {size}")
     if Path(list_file).name != list_file or list_file.startswith("."):
-        raise ValueError(f"list_file must be a plain file name, got {list_file!r}")
+        raise DatasetError(f"list_file must be a plain file name, got {list_file!r}")
     wanted = _marker(num_images, size, seed, list_file)
     if root.exists():
         if read_marker(root) == wanted and is_complete(root, num_images, size, seed):
