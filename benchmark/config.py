@@ -456,8 +456,26 @@ def validate(cfg: DictConfig) -> None:
         (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (cfg.data.image_size >= 32, "data.image_size must be >= 32"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.synthetic_images >= 1, "data.synthetic_images must be >= 1"),
+        (cfg.data.synthetic_size >= 8, "data.synthetic_size must be >= 8"),
+        (
+            not (cfg.data.synthetic and get_method(cfg.method.name).pretrains)
+            or p.batch_size <= cfg.data.synthetic_images,
+            f"pretrain.batch_size={p.batch_size} is larger than the pre-training set "
+            f"(data.synthetic_images={cfg.data.synthetic_images}): lower pretrain.batch_size to "
+            f"at most {cfg.data.synthetic_images} or raise data.synthetic_images",
+        ),
         (cfg.finetune.seeds >= 1, "finetune.seeds must be >= 1"),
         (cfg.finetune.batch_size >= 1, "finetune.batch_size must be >= 1"),
+        (cfg.finetune.num_workers >= 0, "finetune.num_workers must be >= 0"),
+        (cfg.finetune.eval_batch_size >= 1, "finetune.eval_batch_size must be >= 1"),
+        (cfg.finetune.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1"),
+        (cfg.finetune.log_every >= 1, "finetune.log_every must be >= 1"),
+        (cfg.finetune.lr > 0, "finetune.lr must be > 0"),
+        (cfg.finetune.reference_batch >= 1, "finetune.reference_batch must be >= 1"),
+        (cfg.finetune.precise_bn_iters >= 0, "finetune.precise_bn_iters must be >= 0"),
+        (cfg.probe.num_workers >= 0, "probe.num_workers must be >= 0"),
+        (cfg.probe.tissue.synthetic_size >= 8, "probe.tissue.synthetic_size must be >= 8"),
         (
             all(p in PROBE_NAMES for p in cfg.probe.probes),
             f"probe.probes must name knn, linear and/or dense, got {list(cfg.probe.probes)}",
@@ -498,6 +516,21 @@ def validate(cfg: DictConfig) -> None:
         prefix = f"finetune.{name}"
         checks += [
             (d.iterations >= 1, f"{prefix}.iterations must be >= 1"),
+            (d.synthetic_train >= 1, f"{prefix}.synthetic_train must be >= 1"),
+            (d.synthetic_test >= 1, f"{prefix}.synthetic_test must be >= 1"),
+            (
+                d.synthetic_height >= 16 and d.synthetic_width >= 16,
+                f"{prefix}.synthetic_height and synthetic_width must be >= 16",
+            ),
+            (
+                not d.synthetic
+                or name not in cfg.finetune.datasets
+                or cfg.finetune.batch_size <= d.synthetic_train,
+                f"finetune.batch_size={cfg.finetune.batch_size} is larger than the "
+                f"{d.synthetic_train} training images of the synthetic {name} "
+                f"({prefix}.synthetic_train): lower finetune.batch_size to at most "
+                f"{d.synthetic_train} or raise {prefix}.synthetic_train",
+            ),
             (len(d.min_size_train) == 2, f"{prefix}.min_size_train must be [lo, hi]"),
             (
                 len(d.min_size_train) != 2 or d.min_size_train[0] <= d.min_size_train[1],
@@ -511,7 +544,32 @@ def validate(cfg: DictConfig) -> None:
     checks += [(False, f"method.{problem}") for problem in method_config(cfg).problems()]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(_with_value(cfg, message))
+
+
+def _with_value(cfg: DictConfig, message: str) -> str:
+    """``message`` with the offending value when it starts with a key and does not quote it
+    (``pretrain.epochs must be >= 1 (got 0)``): the user sees what they set, and where a
+    shorthand (EPOCHS, SEEDS) set it."""
+    key = message.split(" ", 1)[0]
+    if "got" in message or "=" in key or "." not in key:
+        return message
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return message
+    if value is None or isinstance(value, DictConfig):
+        return message
+    shorthand = _SHORTHANDS.get(key)
+    via = f"; {shorthand} sets it" if shorthand else ""
+    return f"{message} (got {value}{via})"
+
+
+#: The command-line shorthands of config keys, named in their errors.
+_SHORTHANDS = {
+    "pretrain.epochs": "EPOCHS= / --epochs",
+    "finetune.seeds": "SEEDS= / --seeds",
+}
 
 
 def method_config(cfg: DictConfig) -> MethodConfig:
