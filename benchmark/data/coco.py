@@ -4,7 +4,11 @@ ConCL's transfer benchmark registers ``datasets/{GlaS,CRAG}/annotations/{train,t
 images in ``datasets/{GlaS,CRAG}/{train,test}/`` (detectron2's ``register_coco_instances``). Those
 jsons were Google-Drive downloads with no conversion script, so this module rebuilds them from the
 raw releases: one "gland" category, and every distinct non-zero value of an annotation image is one
-instance (a value split into several pieces stays one instance, as the release labels it).
+instance (a value split into several pieces stays one instance, as the release labels it). An
+annotation without any instance is refused, naming the file: every GlaS and CRAG image shows
+glands, so an all-zero map is a damaged or wrong file, and ``check_raw_*`` and ``check_dataset``
+flag it too (prepare and check agree). A release left as its zip unpacks (one or two folders
+below the data root) is found and announced.
 Masks are RLE (``pycocotools.mask.encode``); area and bbox come from the RLE, so they agree with
 what COCO evaluation computes. Annotation ids start at 1: pycocotools' matcher uses 0 for
 "unmatched" (cocoapi #664). Already-converted folders are used as they are.
@@ -20,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,11 +45,13 @@ __all__ = [
     "CONVERTER_VERSION",
     "CocoInstances",
     "check_dataset",
+    "check_raw",
     "check_raw_crag",
     "check_raw_glas",
     "collate",
     "convert_crag",
     "convert_glas",
+    "locate_release",
     "prepare_dataset",
     "read_instance_map",
 ]
@@ -335,6 +342,19 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
     return out_root
 
 
+def _read_or_refuse(path: Path, read: Callable[[Path], Any], what: str, dataset: str) -> Any:
+    """``read(path)``, or a one-line DatasetError naming exactly this file."""
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("empty file")
+        return read(path)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(
+            f"cannot read {what} {path} ({_one_line(exc)}): replace it with the {dataset} "
+            f"release's file, {_README}"
+        ) from exc
+
+
 def _convert_into(out: Path, dataset: str, pairs: list[_Pair]) -> None:
     (out / "annotations").mkdir()
     for split in SPLITS:
@@ -342,18 +362,19 @@ def _convert_into(out: Path, dataset: str, pairs: list[_Pair]) -> None:
         images: list[dict] = []
         annotations: list[dict] = []
         for pair in (p for p in pairs if p.split == split):
-            try:
-                height, width = _read_size(pair.image)
-                ids = read_instance_map(pair.anno)
-            except (OSError, SyntaxError, ValueError) as exc:
-                raise DatasetError(
-                    f"cannot read {pair.image} or {pair.anno} ({_one_line(exc)}): "
-                    f"replace the file, {_README}"
-                ) from exc
+            height, width = _read_or_refuse(pair.image, _read_size, "image", dataset)
+            ids = _read_or_refuse(pair.anno, read_instance_map, "annotation", dataset)
             if ids.shape != (height, width):
                 raise DatasetError(
                     f"{pair.anno} is {ids.shape[1]}x{ids.shape[0]} px but {pair.image.name} is "
                     f"{width}x{height} px: fix the raw {dataset} folder, {_README}"
+                )
+            if not ids.any():
+                raise DatasetError(
+                    f"{pair.anno}: no gland instance (all pixels are 0); every {dataset} image "
+                    "shows glands, so the file is damaged or not an instance map: replace it "
+                    f"with the release's file, or remove {pair.image.name} and its annotation, "
+                    f"{_README}"
                 )
             name = pair.image.name
             if (out / split / name).exists():
@@ -385,9 +406,11 @@ def convert_glas(raw_root: Path, out_root: Path) -> Path:
 
     Test = testA + testB (ConCL registers one test set); each test image record carries
     ``"subset"``, and testA.json / testB.json hold the same records and ids. The output is built
-    in a temporary sibling and renamed into place. A complete conversion of the same, unchanged
-    files is reused; an older conversion made by this code (of other or since regenerated raw
-    files) is replaced; anything else at ``out_root`` raises ``DatasetError``.
+    in a temporary sibling and renamed into place. A file that does not decode, an image and
+    annotation of different sizes, or an annotation without gland stops it with a one-line
+    DatasetError naming that file, and nothing is written. A complete conversion of the same,
+    unchanged files is reused; an older conversion made by this code (of other or since
+    regenerated raw files) is replaced; anything else at ``out_root`` raises ``DatasetError``.
     """
     return _convert("glas", raw_root, out_root, _glas_pairs)
 
@@ -411,30 +434,103 @@ _LAYOUTS = {
 }
 
 
-def prepare_dataset(name: str, raw_root: Path, out_root: Path) -> Path:
-    """The COCO folder to fine-tune on: ``raw_root`` itself if it already holds
-    ``annotations/{train,test}.json`` (the ready-made "GlaS-coco-format" downloads), otherwise
-    the raw release at ``raw_root`` converted into ``out_root``."""
+#: How deep below a data root a release is looked for: the Warwick QU zip unpacks to
+#: ``Warwick QU Dataset (Released 2016_07_08)/``, CRAG's to ``CRAG/`` (``CRAG_v2/CRAG/``).
+_SEARCH_DEPTH = 2
+_SKIPPED_FOLDERS = ("__MACOSX",)  # macOS zip side folders of resource forks
+_announced: set[tuple[str, str]] = set()
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name not in _SKIPPED_FOLDERS
+        )
+    except OSError:  # an unreadable folder holds no release we could use
+        return []
+
+
+def _nested_releases(root: Path, accept: Callable[[Path], bool], skip: Path | None) -> list[Path]:
+    """Folders one, then two levels below ``root`` that ``accept``, the shallowest level that
+    has any (``skip``, the conversion's own output, is never one)."""
+    skipped = skip.resolve() if skip is not None else None
+    level = [root]
+    for _ in range(_SEARCH_DEPTH):
+        level = [c for d in level for c in _subfolders(d) if c.resolve() != skipped]
+        found = [c for c in level if accept(c)]
+        if found:
+            return found
+    return []
+
+
+def _announce(name: str, root: Path, found: Path) -> None:
+    """One line (once per process, on the main rank) saying which folder a data root led to."""
+    if (name, str(found)) in _announced or os.environ.get("RANK", "0") != "0":
+        return
+    _announced.add((name, str(found)))
+    print(f"==> {name}: using {found} (found below {root})", file=sys.stderr, flush=True)
+
+
+def _set_root_hint(key: str) -> str:
+    return f"finetune.{key}.raw_root=PATH (or `concl-bench data prepare {key} --raw-root PATH`)"
+
+
+def locate_release(name: str, raw_root: Path, skip: Path | None = None) -> Path:
+    """The folder that holds ``name``'s data under ``raw_root``: ``raw_root`` itself when it is a
+    COCO folder or holds the raw layout, else the single such folder one or two levels down (a
+    release left as its zip unpacks), announced in one line. ``skip`` is left out of the
+    search (the conversion's output). Anything else is a one-line DatasetError."""
     key = name.lower()
     if key not in _LAYOUTS:
         raise DatasetError(f"unknown transfer dataset {name!r}: choose one of {sorted(_LAYOUTS)}")
-    layout, detect, convert = _LAYOUTS[key]
+    layout, detect, _ = _LAYOUTS[key]
     raw_root = Path(raw_root)
     if _is_coco(raw_root):
         return raw_root
     if not raw_root.is_dir():
         what = "is not a folder" if raw_root.exists() else "does not exist"
         raise DatasetError(
-            f"{name} data root {raw_root} {what}: install the dataset there, {_README}"
+            f"{name} data root {raw_root} {what}: install the dataset there or set "
+            f"{_set_root_hint(key)}, {_README}"
         )
     if detect(raw_root):
-        return convert(raw_root, out_root)
-    nested = [p for p in sorted(raw_root.iterdir()) if p.is_dir() and (detect(p) or _is_coco(p))]
-    hint = f" (found one in {nested[0]}: point the data root there)" if nested else ""
+        return raw_root
+    found = _nested_releases(raw_root, lambda p: _is_coco(p) or detect(p), skip)
+    if len(found) == 1:
+        _announce(name, raw_root, found[0])
+        return found[0]
+    if found:
+        listed = ", ".join(str(p) for p in found[:3])
+        raise DatasetError(
+            f"{raw_root} holds {len(found)} {name} folders ({listed}): keep one, or choose one "
+            f"with {_set_root_hint(key)}"
+        )
     raise DatasetError(
         f"{raw_root} holds neither annotations/train.json + test.json nor the raw {name} layout "
-        f"({layout}){hint}: {_README}"
+        f"({layout}), here or {_SEARCH_DEPTH} levels down: move the release there or set "
+        f"{_set_root_hint(key)}, {_README}"
     )
+
+
+def check_raw(name: str, root: Path) -> list[str]:
+    """``check_raw_glas`` or ``check_raw_crag`` by dataset name; nothing for a COCO folder (its
+    problems are ``check_dataset``'s)."""
+    root = Path(root)
+    if _is_coco(root):
+        return []
+    return check_raw_glas(root) if name.lower() == "glas" else check_raw_crag(root)
+
+
+def prepare_dataset(name: str, raw_root: Path, out_root: Path) -> Path:
+    """The COCO folder to fine-tune on: the folder ``locate_release`` finds under ``raw_root``
+    if it already holds ``annotations/{train,test}.json`` (the ready-made "GlaS-coco-format"
+    downloads), otherwise that raw release converted into ``out_root``."""
+    root = locate_release(name, raw_root, skip=Path(out_root))
+    if _is_coco(root):
+        return root
+    return _LAYOUTS[name.lower()][2](root, out_root)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ def _save_glas(root: Path, name: str, ids: np.ndarray, mode: str = "L") -> None:
     anno.save(root / f"{name}_anno.bmp")
 
 
-def _tiny_glas(root: Path) -> Path:
-    """Hand-made GlaS: one value split in two pieces, one palette annotation, an empty test."""
+def _tiny_glas(root: Path, empty_test: bool = False) -> Path:
+    """Hand-made GlaS: one value split in two pieces, one palette annotation, a one-pixel
+    gland in testB_1 (or no gland at all with ``empty_test``)."""
     a = np.zeros((20, 30), np.uint8)
     a[2:5, 3:7] = 7  # one gland in two disconnected pieces
     a[10:12, 20:29] = 7
@@ -87,7 +88,10 @@ def _tiny_glas(root: Path) -> Path:
     b[0:20, 0:2] = 1
     _save_glas(root, "train_2", b, mode="P")
     _save_glas(root, "testA_1", a)
-    _save_glas(root, "testB_1", np.zeros((20, 30), np.uint8))  # no gland in it
+    c = np.zeros((20, 30), np.uint8)
+    if not empty_test:
+        c[19, 29] = 5
+    _save_glas(root, "testB_1", c)
     return root
 
 
@@ -151,8 +155,43 @@ def test_disconnected_pieces_stay_one_instance_and_palette_ids_are_read(tmp_path
     assert [(a["bbox"], a["area"]) for a in second] == [([0.0, 0.0, 2.0, 20.0], 40)]
     test = _json(out, "test")
     assert [im["file_name"] for im in test["images"]] == ["testA_1.bmp", "testB_1.bmp"]
-    assert {a["image_id"] for a in test["annotations"]} == {1}  # testB_1 has no gland
-    assert check_dataset(out) == [f"{out / 'test' / 'testB_1.bmp'}: no gland instance in test.json"]
+    last = test["annotations"][-1]
+    assert (last["image_id"], last["bbox"], last["area"]) == (2, [29.0, 19.0, 1.0, 1.0], 1)
+    assert check_dataset(out) == []
+
+
+def test_an_annotation_without_gland_is_refused_by_prepare_as_by_the_checks(
+    tmp_path: Path,
+) -> None:
+    """Every GlaS and CRAG image shows glands: an all-zero map is a broken file, and prepare,
+    the raw check and the prepared check all say so, naming it (datasets/README.md)."""
+    raw = _tiny_glas(tmp_path / "raw", empty_test=True)
+    anno = raw / "testB_1_anno.bmp"
+    assert check_raw_glas(raw) == [f"{anno}: no gland instance (all pixels are 0)"]
+    with pytest.raises(DatasetError) as info:
+        convert_glas(raw, tmp_path / "coco")
+    msg = _one_line(info)
+    assert msg.startswith(f"{anno}: no gland instance (all pixels are 0)")
+    assert "replace it" in msg and "remove testB_1.bmp" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no partial folder
+
+
+def test_an_unreadable_file_is_named_alone(tmp_path: Path) -> None:
+    raw = _tiny_glas(tmp_path / "raw")
+    data = (raw / "train_2.bmp").read_bytes()
+    (raw / "train_2.bmp").write_bytes(data[: len(data) // 2])  # truncated image
+    with pytest.raises(DatasetError) as info:
+        convert_glas(raw, tmp_path / "coco")
+    msg = _one_line(info)
+    assert msg.startswith(f"cannot read image {raw / 'train_2.bmp'} (")
+    assert "_anno" not in msg and "replace it" in msg
+    (raw / "train_2.bmp").write_bytes(data)
+    (raw / "testA_1_anno.bmp").write_bytes(b"")
+    with pytest.raises(DatasetError) as info:
+        convert_glas(raw, tmp_path / "coco")
+    msg = _one_line(info)
+    assert msg.startswith(f"cannot read annotation {raw / 'testA_1_anno.bmp'} (ValueError: empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
 def test_crag_conversion(crag_raw: Path, tmp_path: Path) -> None:
@@ -245,18 +284,45 @@ def test_prepare_errors_are_one_line(glas_raw: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as info:
         prepare_dataset("glas", tmp_path / "missing", tmp_path / "o")
     assert "does not exist" in _one_line(info) and "datasets/README.md" in str(info.value)
+    assert "finetune.glas.raw_root=PATH" in str(info.value) and "--raw-root PATH" in str(info.value)
     wrong = tmp_path / "wrong"
     (wrong / "images").mkdir(parents=True)
     with pytest.raises(DatasetError) as info:
         prepare_dataset("crag", wrong, tmp_path / "o")
     msg = _one_line(info)
     assert "train/Images" in msg and "datasets/README.md" in msg
-    nest = tmp_path / "download"
-    shutil.copytree(glas_raw, nest / "Warwick QU Dataset")
+    twice = tmp_path / "twice"
+    shutil.copytree(glas_raw, twice / "a")
+    shutil.copytree(glas_raw, twice / "b")
     with pytest.raises(DatasetError) as info:
-        prepare_dataset("glas", nest, tmp_path / "o")
-    assert "Warwick QU Dataset: point the data root there" in _one_line(info)
+        prepare_dataset("glas", twice, tmp_path / "o")
+    msg = _one_line(info)
+    assert f"holds 2 glas folders ({twice / 'a'}, {twice / 'b'})" in msg and "--raw-root" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_releases_left_as_they_unzip_are_found_and_announced(
+    glas_raw: Path, crag_raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    glas = tmp_path / "GlaS"
+    release = glas / "Warwick QU Dataset (Released 2016_07_08)"
+    shutil.copytree(glas_raw, release)
+    (glas / "__MACOSX" / "x").mkdir(parents=True)  # zip side folders are not candidates
+    out = prepare_dataset("glas", glas, tmp_path / "prepared" / "GlaS")
+    assert out == tmp_path / "prepared" / "GlaS" and check_dataset(out) == []
+    assert json.loads((out / ".complete").read_text())["source"] == str(release.resolve())
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"==> glas: using {release} (found below {glas})"]
+    assert prepare_dataset("glas", glas, out) == out  # reused, and announced only once
+    assert capsys.readouterr().err == ""
+    crag = tmp_path / "CRAG"
+    shutil.copytree(crag_raw, crag / "CRAG_v2" / "CRAG")  # two levels down
+    assert prepare_dataset("crag", crag, tmp_path / "c") == tmp_path / "c"
+    assert f"using {crag / 'CRAG_v2' / 'CRAG'}" in capsys.readouterr().err
+    coco = tmp_path / "coco-download"
+    shutil.copytree(out, coco / "GlaS-coco-format")  # a nested COCO folder is used as it is
+    assert prepare_dataset("glas", coco, tmp_path / "unused") == coco / "GlaS-coco-format"
+    assert not (tmp_path / "unused").exists()
 
 
 def test_raw_problems_are_found_and_stop_conversion(glas_raw: Path, tmp_path: Path) -> None:
@@ -394,8 +460,13 @@ def test_training_flip_moves_boxes_with_masks(glas_coco: Path) -> None:
 
 
 def test_empty_images_are_skipped_in_training_only(tmp_path: Path) -> None:
+    """A ready-made COCO folder may list an image without instances (prepare never writes
+    one): training skips it, evaluation keeps it."""
     out = convert_glas(_tiny_glas(tmp_path / "raw"), tmp_path / "coco")
-    assert CocoInstances(out, "test", train=True).ids == [1]  # testB_1 has no gland
+    test = _json(out, "test")
+    test["annotations"] = [a for a in test["annotations"] if a["image_id"] != 2]
+    (out / "annotations" / "test.json").write_text(json.dumps(test))
+    assert CocoInstances(out, "test", train=True).ids == [1]  # testB_1 has no gland now
     test = CocoInstances(out, "test", train=False)
     assert test.ids == [1, 2]
     image, target = test[1]
