@@ -26,14 +26,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from benchmark.config import ConfigError
 from benchmark.core.contracts import World
-from benchmark.data.seeding import mix_seed
+from benchmark.data.seeding import (
+    FINETUNE_DATA_STREAM,
+    FINETUNE_STREAM,
+    EpochTaggedSampler,
+    SeededSamples,
+    mix_seed,
+)
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.checkpoints import CheckpointManager
 from benchmark.training.distributed import barrier, seed_everything, wrap_ddp
 from benchmark.training.loop import Callback, TrainingLoop
 from benchmark.training.progress import main_printer
 
-FINETUNE_STREAM = 3
 METRICS_FILE = "metrics.json"
 
 
@@ -87,13 +92,26 @@ def prepare_dataset_for(cfg: DictConfig, name: str, world: World) -> Path:
     return root
 
 
-def _stream(loader: DataLoader, sampler: DistributedSampler, start_epoch: int) -> Iterator[Any]:
-    """Iteration-based training over an epoch-based loader (GlaS has 85 images)."""
-    epoch = start_epoch
+def _stream(loader: DataLoader, sampler: EpochTaggedSampler, start: int) -> Iterator[Any]:
+    """Iteration-based training over an epoch-based loader (GlaS has 85 images), from
+    iteration ``start`` on.
+
+    Iteration ``it`` gets batch ``it % n`` of epoch ``it // n`` (``n`` batches an epoch, the
+    epoch's order keyed by (seed, epoch)), so a run resumed in the middle of an epoch skips
+    the batches already trained, without loading them, and continues as an uninterrupted run.
+    """
+    per_epoch = len(sampler.sampler) // loader.batch_size  # drop_last
+    epoch, skip = divmod(start, per_epoch)
     while True:
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip * loader.batch_size)
         yield from loader
-        epoch += 1
+        epoch, skip = epoch + 1, 0
+
+
+def _seed_step(seed: int, world: World, iteration: int) -> None:
+    """Model-side randomness of one iteration (RPN/RoI sampling, the random training size):
+    keyed by (seed, rank, iteration), so a resumed run draws what an uninterrupted one does."""
+    seed_everything(mix_seed(FINETUNE_STREAM, seed, world.rank + 1, iteration))
 
 
 def finetune(
@@ -162,11 +180,14 @@ def finetune(
 
     train_set = CocoInstances(root, "train", train=True)
     local_batch = f.batch_size // world.world_size
-    sampler = DistributedSampler(
-        train_set, world.world_size, world.rank, shuffle=True, seed=seed, drop_last=True
+    sampler = EpochTaggedSampler(
+        DistributedSampler(
+            train_set, world.world_size, world.rank, shuffle=True, seed=seed, drop_last=True
+        )
     )
+    # flips keyed by (seed, epoch, index), whichever worker loads the image
     loader = DataLoader(
-        train_set,
+        SeededSamples(train_set, seed, stream=FINETUNE_DATA_STREAM),
         batch_size=local_batch,
         sampler=sampler,
         num_workers=f.num_workers,
@@ -179,10 +200,10 @@ def finetune(
         raise ValueError(
             f"{name}: {len(train_set)} training images are fewer than one batch of {local_batch}"
         )
-    seed_everything(mix_seed(FINETUNE_STREAM, seed, world.rank + 1, start))
-    stream = _stream(loader, sampler, start // len(loader))
+    stream = _stream(loader, sampler, start)
 
     def forward(batch: Any, step: int) -> dict[str, torch.Tensor]:
+        _seed_step(seed, world, step)
         images, targets = batch
         images = [img.to(world.device, non_blocking=True) for img in images]
         targets = [{k: _to(v, world.device) for k, v in t.items()} for t in targets]
@@ -227,6 +248,7 @@ def finetune(
         barrier(world)
         return FinetuneResult({}, out_dir)
 
+    _seed_step(seed, world, d.iterations)  # precise BN continues the stream after training
     used = precise_bn(model, stream, f.precise_bn_iters)
     metrics: dict[str, float] = {}
     if world.is_main:
