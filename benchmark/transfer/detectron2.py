@@ -23,13 +23,16 @@ from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from benchmark.training.checkpoints import atomic_write
-from benchmark.transfer.model import WeightsError, read_backbone_state_dict
+from benchmark.transfer.model import ACCEPTED_WEIGHTS, WeightsError, read_backbone_state_dict
 
 #: torchvision ResNet keys, the only ones converted (``fc.*`` is matched to be dropped).
 _RESNET_KEY = re.compile(
     r"(conv1\.weight|bn1\.\w+|fc\.[\w.]+"
     r"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.\w+|downsample\.[01]\.\w+))"
 )
+#: NumPy dtype kinds torch can take (bool, signed, unsigned, float, complex); object, string
+#: and structured arrays are not weights.
+_NUMERIC_KINDS = "biufc"
 _PCL_PREFIX = "module.encoder_q."
 _D2_MODEL_PREFIX = "backbone.bottom_up."
 AUTHOR = "ConCL-Bench"
@@ -99,11 +102,19 @@ def from_detectron2(model: dict[str, Any]) -> dict[str, Tensor]:
             bad.append(key)
         elif not name.startswith("fc."):
             if isinstance(value, np.ndarray):
+                if value.dtype.kind not in _NUMERIC_KINDS:
+                    raise WeightsError(
+                        f"{key} is an array of {value.dtype}, not numbers: not a detectron2 or "
+                        f"torchvision state dict of numeric arrays; expected {ACCEPTED_WEIGHTS}"
+                    )
                 out[name] = torch.from_numpy(np.array(value, copy=True))
             elif isinstance(value, Tensor):
                 out[name] = value.detach().cpu().clone()
             else:
-                raise WeightsError(f"{key}: a {type(value).__name__}, not an array or tensor")
+                raise WeightsError(
+                    f"{key} is a {type(value).__name__}, not an array or tensor: not a "
+                    f"detectron2 or torchvision state dict of arrays; expected {ACCEPTED_WEIGHTS}"
+                )
     if bad:
         raise _bad_keys(bad, "detectron2")
     if not out:
@@ -204,10 +215,10 @@ class _WeightsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing global {module}.{name} (only numpy arrays)")
 
 
-def import_detectron2(pkl: Path, out_pth: Path) -> None:
-    """Write the ResNet weights of a detectron2 ``.pkl`` (``{"model": ...}`` or a bare model
-    dict) as a torchvision ``state_dict`` that :func:`~benchmark.transfer.model.load_backbone`
-    reads."""
+def read_detectron2(pkl: Path) -> dict[str, Tensor]:
+    """The ResNet weights of a detectron2 ``.pkl`` (``{"model": ...}`` or a bare model dict)
+    as a torchvision ``state_dict`` without ``fc``; anything else is a one-line WeightsError
+    that names the file and the accepted formats."""
     pkl = Path(pkl)
     try:
         with open(pkl, "rb") as fh:
@@ -217,14 +228,26 @@ def import_detectron2(pkl: Path, out_pth: Path) -> None:
         first = str(exc).strip().splitlines()[:1]
         raise WeightsError(
             f"{pkl}: not a readable pickle ({type(exc).__name__}{': ' + first[0] if first else ''})"
+            f"; expected {ACCEPTED_WEIGHTS}"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
-        raise WeightsError(f"{pkl}: holds a {type(obj).__name__}, not a detectron2 weight dict")
+        raise WeightsError(
+            f"{pkl}: holds a {type(obj).__name__}, not a detectron2 weight dict; "
+            f"expected {ACCEPTED_WEIGHTS}"
+        )
     try:
         state = from_detectron2(obj)
         check_resnet(state)
     except WeightsError as exc:
         raise WeightsError(f"{pkl}: {exc}") from None
+    return state
+
+
+def import_detectron2(pkl: Path, out_pth: Path) -> None:
+    """Write the ResNet weights of a detectron2 ``.pkl`` (``{"model": ...}`` or a bare model
+    dict) as a torchvision ``state_dict`` that :func:`~benchmark.transfer.model.load_backbone`
+    reads."""
+    state = read_detectron2(pkl)
     atomic_write(Path(out_pth), lambda tmp: torch.save(state, tmp))

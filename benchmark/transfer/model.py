@@ -45,10 +45,13 @@ ROI_STRIDES = (4, 8, 16, 32)
 #: Background + gland: d2's ``ROI_HEADS.NUM_CLASSES 1`` does not count the background.
 NUM_CLASSES = 2
 
-_EXPECTED = (
-    "expected a torchvision ResNet state_dict (conv1.*, bn1.*, layer1-4.*; fc.* ignored) such as "
-    "backbone.pth written after pre-training, optionally under a 'state_dict' key"
+#: The weight files every reader accepts, named in each of their errors.
+ACCEPTED_WEIGHTS = (
+    "a torchvision ResNet state_dict (conv1.*, bn1.*, layer1-4.*; fc.* ignored) such as "
+    "backbone.pth written after pre-training, optionally under a 'state_dict' key, or a "
+    "detectron2 .pkl of numeric arrays (ConCL's or `concl-bench export`'s)"
 )
+_EXPECTED = f"expected {ACCEPTED_WEIGHTS}"
 
 
 class WeightsError(UserError, ValueError):
@@ -307,10 +310,28 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
+def _plain_pickle(path: Path) -> bool:
+    """Whether ``path`` is a bare pickle (detectron2's format) rather than ``torch.save``'s zip
+    archive or legacy file (whose first pickle is torch's magic number, a long integer)."""
+    with open(path, "rb") as fh:
+        head = fh.read(3)
+    return len(head) == 3 and head[0] == 0x80 and head[2] != 0x8A  # 0x8A: LONG1, the magic
+
+
 def read_backbone_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The ResNet ``state_dict`` in ``path`` with ``module.``/``backbone.`` prefixes stripped
-    and ``fc.*`` dropped; raises a one-line WeightsError for anything else."""
+    and ``fc.*`` dropped; a detectron2 ``.pkl`` is read through ``read_detectron2``. Raises a
+    one-line WeightsError for anything else (a missing file, a folder, another format)."""
     path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path} does not exist: give the path of {ACCEPTED_WEIGHTS}")
+    if not path.is_file():
+        raise WeightsError(f"{path} is a folder, not a weights file: give the path of "
+                           f"{ACCEPTED_WEIGHTS}")  # fmt: skip
+    if path.suffix == ".pkl" or _plain_pickle(path):
+        from benchmark.transfer.detectron2 import read_detectron2
+
+        return read_detectron2(path)
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -352,7 +373,23 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
     missing ``num_batches_tracked`` (old torchvision files) is tolerated.
     """
     state = read_backbone_state_dict(path)
-    expected = trunk.state_dict()
+    _check_fit(state, trunk.state_dict(), path)
+    trunk.load_state_dict(state, strict=False)
+
+
+def check_backbone_file(path: str | Path) -> None:
+    """Raise the one-line WeightsError ``load_trunk_weights`` would, for the detector's and the
+    probes' ResNet-18 trunk, without building a model: the CLI checks ``--weights`` before any
+    work, not at the first fine-tune after the probes."""
+    with torch.device("meta"):
+        trunk = resnet18(weights=None)
+    del trunk.fc
+    _check_fit(read_backbone_state_dict(path), trunk.state_dict(), path)
+
+
+def _check_fit(state: dict[str, Tensor], expected: dict[str, Tensor], path: str | Path) -> None:
+    """Every ``expected`` key present with its shape (``num_batches_tracked`` may be missing),
+    nothing else; a one-line WeightsError listing the first offenders otherwise."""
     missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -371,7 +408,6 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
     ]
     if problems:
         raise WeightsError(f"{path}: {'; '.join(problems)}; {_EXPECTED}")
-    trunk.load_state_dict(state, strict=False)
 
 
 #: Normalisation layers d2's ``get_default_optimizer_params`` exempts from weight decay.

@@ -16,7 +16,13 @@ from benchmark.transfer.detectron2 import (
     import_detectron2,
     to_detectron2,
 )
-from benchmark.transfer.model import WeightsError, build_mask_rcnn, load_backbone
+from benchmark.transfer.model import (
+    WeightsError,
+    build_mask_rcnn,
+    check_backbone_file,
+    load_backbone,
+    read_backbone_state_dict,
+)
 
 
 @pytest.fixture
@@ -138,15 +144,55 @@ def test_errors_are_one_line(tmp_path: Path, backbone_pth: Path, resnet_state) -
         pickle.dump({k: v for k, v in d2.items() if not k.startswith("res5.")}, fh)
     with open(tmp_path / "odd.pkl", "wb") as fh:
         pickle.dump(d2 | {"roi_heads.box_predictor.weight": np.zeros(2)}, fh)
+    with open(tmp_path / "objects.pkl", "wb") as fh:  # numpy's own pickling of an object array
+        pickle.dump({"model": d2 | {"stem.conv1.weight": np.array([1, "a", None])}}, fh)
     cases = [
         (lambda: export_detectron2(backbone_pth, tmp_path / "w.pth"), "must end in .pkl"),
         (lambda: import_detectron2(tmp_path / "junk.pkl", tmp_path / "o.pth"), "not a readable"),
         (lambda: import_detectron2(tmp_path / "evil.pkl", tmp_path / "o.pth"), "refusing"),
         (lambda: import_detectron2(tmp_path / "partial.pkl", tmp_path / "o.pth"), "stage layer4"),
         (lambda: import_detectron2(tmp_path / "odd.pkl", tmp_path / "o.pth"), "roi_heads.box"),
+        (
+            lambda: import_detectron2(tmp_path / "objects.pkl", tmp_path / "o.pth"),
+            "stem.conv1.weight is an array of object, not numbers: not a detectron2 or "
+            "torchvision state dict of numeric arrays; expected a torchvision ResNet state_dict",
+        ),
+        (
+            lambda: read_backbone_state_dict(tmp_path / "objects.pkl"),
+            "or a detectron2 .pkl of numeric arrays",
+        ),
     ]
     for call, words in cases:
         with pytest.raises(WeightsError) as err:
             call()
         assert "\n" not in str(err.value) and words in str(err.value)
     assert not (tmp_path / "w.pth").exists() and not (tmp_path / "o.pth").exists()
+
+
+def test_a_detectron2_pickle_is_backbone_weights_too(
+    tmp_path: Path, backbone_pth: Path, resnet_state
+) -> None:
+    """``finetune --weights x.pkl`` scores a detectron2 file as it scores its ``.pth``; a bare
+    pickle is recognised by content, and both torch.save formats still load as before."""
+    pkl = tmp_path / "backbone.pkl"
+    export_detectron2(backbone_pth, pkl)
+    (tmp_path / "renamed.bin").write_bytes(pkl.read_bytes())
+    torch.save(resnet_state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for path in (pkl, tmp_path / "renamed.bin", tmp_path / "legacy.pth", backbone_pth):
+        state = read_backbone_state_dict(path)
+        assert set(state) == {k for k in resnet_state if not k.startswith("fc.")}, path.name
+        assert all(torch.equal(state[k], resnet_state[k]) for k in state), path.name
+        check_backbone_file(path)
+
+
+def test_weights_that_do_not_fit_are_refused_before_any_model(tmp_path: Path, resnet_state) -> None:
+    (tmp_path / "folder.pth").mkdir()
+    torch.save({k: v for k, v in resnet_state.items() if "layer4" not in k}, tmp_path / "p.pth")
+    for name, words in (
+        ("missing.pth", "missing.pth does not exist: give the path of a torchvision ResNet"),
+        ("folder.pth", "folder.pth is a folder, not a weights file: give the path of"),
+        ("p.pth", "missing keys (layer4.0.conv1.weight"),
+    ):
+        with pytest.raises(WeightsError) as err:
+            check_backbone_file(tmp_path / name)
+        assert "\n" not in str(err.value) and words in str(err.value), name
