@@ -381,7 +381,7 @@ def _pretrain(
     start_epoch = 0
     latest = checkpoints.latest()
     if latest is not None:
-        state = ckpt.load_checkpoint(latest)
+        state = ckpt.load_checkpoint(latest, ("epoch", "model", "optimizer"))
         if state.get("pretrain_hash") != digest:
             raise ckpt.CheckpointError(
                 f"checkpoint {latest} belongs to config {state.get('pretrain_hash')}, "

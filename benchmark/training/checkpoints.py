@@ -3,10 +3,12 @@ manager both training stages save and resume through."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,18 @@ _NAME = "{unit}_{n:07d}.pth"
 _LEGACY_UNITS = {"epoch": ("epoch",), "iter": ("model",)}
 
 
+#: ``atomic_write``'s temporary files: ``.<name>.<8 characters of mkstemp>.tmp``.
+_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+#: Errors of a full disk (or a full quota): the user frees space and runs the command again.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says what to do."""
+
+
+class DiskFullError(UserError):
+    """The disk filled up while a file was written; nothing half-written was left behind."""
 
 
 def run_dir(output_root: str | Path, method: str, config_hash: str) -> Path:
@@ -31,22 +43,59 @@ def run_dir(output_root: str | Path, method: str, config_hash: str) -> Path:
 
 def atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves
-    a half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    a half-written file under ``path`` (a kill leaves the temporary file, which the next
+    ``CheckpointManager`` of the folder removes). A full disk is a ``DiskFullError``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_if_full(exc, path)
+        raise
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_full(exc, path)
         raise
 
 
+def _raise_if_full(exc: BaseException, path: Path) -> None:
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        raise DiskFullError(
+            f"disk full while writing {path}: free space under {path.parent} (finished "
+            "fine-tunes' iter_*.pth checkpoints can be deleted) and run the same command again"
+        ) from None
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete the temporary files that ``atomic_write`` left in ``directory`` when a process
+    was killed while writing (up to a checkpoint's size each); returns what was removed.
+
+    Only names of ``atomic_write``'s pattern are touched. Call it where one process owns the
+    folder (the writer of a run), never while another process may be writing into it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if _TEMP.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_torch(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        # through a Python file: a full disk is then an OSError (ENOSPC), not a RuntimeError
+        # of torch's writer that does not say why
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, write)
 
 
 def save_json(obj: Any, path: Path) -> None:
@@ -56,21 +105,35 @@ def save_json(obj: Any, path: Path) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
+    """The checkpoint at ``path``, a dict holding every key of ``required``; anything else
+    (unreadable, another kind of file, keys missing) is a ``CheckpointError``."""
+    advice = "move it aside to resume from the previous one"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}); move it aside to resume "
-            "from the previous one"
+            f"checkpoint {path} cannot be read ({type(exc).__name__}); {advice}"
         ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a training checkpoint; {advice}"
+        )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this stage; "
+            f"{advice}"
+        )
+    return state
 
 
 class CheckpointManager:
     """Checkpoints of one run folder, numbered by units done (epochs or iterations).
 
     Only rank 0 writes (``writer=False`` elsewhere); every rank can find and load the newest,
-    so all processes resume from the same state.
+    so all processes resume from the same state. The writer removes the temporary files a
+    killed write left in the folder (``remove_stale_temps``) before anything resumes.
     """
 
     def __init__(self, directory: Path, unit: str, writer: bool = True) -> None:
@@ -79,6 +142,8 @@ class CheckpointManager:
         self.directory, self.unit, self.writer = Path(directory), unit, writer
         prefixes = "|".join((unit, *_LEGACY_UNITS[unit]))
         self._pattern = re.compile(rf"(?:{prefixes})_(\d+)\.pth$")
+        if writer:
+            remove_stale_temps(self.directory)
 
     def path(self, n: int) -> Path:
         return self.directory / _NAME.format(unit=self.unit, n=n)

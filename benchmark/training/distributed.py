@@ -13,12 +13,26 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmark.core.contracts import World
+from benchmark.core.errors import UserError
+
+
+class DeviceError(UserError, RuntimeError):
+    """The configured device is not there (``pretrain.device=cuda`` on a machine without one)."""
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """The device of this process: ``cuda`` (the ``local_rank``-th GPU), ``cpu``, or ``auto``
+    (a GPU when torch sees one). Asking for ``cuda`` without a GPU is a one-line error, not
+    torch's traceback at the first tensor moved."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("pretrain.device=cuda but no CUDA device is visible; use device=cpu")
+            raise DeviceError("pretrain.device=cuda but torch sees no GPU; use device=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(
+                f"process {local_rank} of this machine has no GPU of its own (torch sees "
+                f"{torch.cuda.device_count()}): start at most that many processes per machine "
+                "(GPUS=...)"
+            )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -172,7 +172,7 @@ def finetune(
     start = 0
     latest = checkpoints.latest()
     if latest is not None:
-        state = ckpt.load_checkpoint(latest)
+        state = ckpt.load_checkpoint(latest, ("model", "optimizer", "iteration"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmark.training.checkpoints import CheckpointManager, load_checkpoint
+from benchmark.training.checkpoints import (
+    CheckpointError,
+    CheckpointManager,
+    DiskFullError,
+    atomic_write,
+    load_checkpoint,
+    remove_stale_temps,
+    save_json,
+)
 
 
 def test_one_naming_scheme_for_both_units(tmp_path: Path):
@@ -36,3 +46,70 @@ def test_only_the_writer_writes(tmp_path: Path):
     reader = CheckpointManager(tmp_path / "run", "epoch", writer=False)
     assert reader.save({"epoch": 1}, 1) is None
     assert not (tmp_path / "run").exists()
+
+
+def test_writer_removes_what_killed_writes_left_and_nothing_else(tmp_path: Path):
+    killed = [tmp_path / ".epoch_0000002.pth.k3_9xq0a.tmp", tmp_path / ".done.json.abcdefgh.tmp"]
+    kept = [
+        tmp_path / "epoch_0000001.pth",
+        tmp_path / ".epoch_0000002.pth.short.tmp",  # not mkstemp's 8 characters
+        tmp_path / "notes.tmp",
+        tmp_path / ".hidden",
+    ]
+    for p in (*killed, *kept):
+        p.write_bytes(b"x")
+    CheckpointManager(tmp_path, "epoch", writer=False)  # a reader (rank > 0) touches nothing
+    assert all(p.exists() for p in killed)
+    CheckpointManager(tmp_path, "epoch")
+    assert not any(p.exists() for p in killed)
+    assert all(p.exists() for p in kept)
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_a_name_from_atomic_write_matches_the_stale_pattern(tmp_path: Path, monkeypatch):
+    seen: list[str] = []
+
+    def record(tmp: str) -> None:
+        seen.append(Path(tmp).name)
+        raise KeyboardInterrupt  # a kill while writing, before the rename
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "epoch_0000003.pth", record)
+    (tmp_path / seen[0]).write_bytes(b"half")  # what a kill -9 (no cleanup) leaves
+    assert remove_stale_temps(tmp_path) == [tmp_path / seen[0]]
+
+
+def test_a_checkpoint_that_is_not_a_dict_is_one_clear_error(tmp_path: Path):
+    torch.save([1, 2], tmp_path / "epoch_0000001.pth")
+    with pytest.raises(CheckpointError, match=r"holds a list, not a training checkpoint; move"):
+        load_checkpoint(tmp_path / "epoch_0000001.pth")
+    torch.save({"epoch": 1}, tmp_path / "epoch_0000002.pth")
+    with pytest.raises(CheckpointError, match="lacks model, optimizer: not a checkpoint"):
+        load_checkpoint(tmp_path / "epoch_0000002.pth", required=("epoch", "model", "optimizer"))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "json"])
+def test_disk_full_says_so_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch, kind: str):
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / ("iter_0000002.pth" if kind == "checkpoint" else "metrics.json")
+    with pytest.raises(DiskFullError) as err:
+        if kind == "checkpoint":
+            CheckpointManager(tmp_path, "iter").save({"iteration": 2}, 2)
+        else:
+            save_json({"bbox_AP": 1.0}, target)
+    assert str(err.value) == (
+        f"disk full while writing {target}: free space under {tmp_path} (finished fine-tunes' "
+        "iter_*.pth checkpoints can be deleted) and run the same command again"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_inside_torch_save_is_an_os_error(tmp_path: Path):
+    # /dev/full fails every write with ENOSPC, as a full disk does
+    with pytest.raises(OSError) as err, open("/dev/full", "wb") as fh:
+        torch.save({"w": torch.zeros(4096)}, fh)
+    assert err.value.errno == errno.ENOSPC
