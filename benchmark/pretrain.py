@@ -9,6 +9,8 @@ The plugin owns its networks, views and loss (``methods.base.Method``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -328,12 +330,16 @@ def run_pretrain(
     ``parent`` is the run of a benchmark that owns the parent run; without
     it the parent is found or made here and closed with the pre-training's status.
     ``stop_after_epoch`` ends the run early as an interruption would (used to test resume).
+    A finished run (``done.json``) is reused only while its backbone is the one it exported;
+    a damaged backbone is exported again from the last epoch's checkpoint.
+    The run folder and its ``config.yaml`` are written before any run is marked RUNNING, so
+    an unwritable ``output_root`` is one line and leaves every run's status as it was.
     """
     digest = pretrain_hash(cfg)
     directory = ckpt.run_dir(cfg.output_root, cfg.method.name, digest)
     backbone_path = directory / BACKBONE_FILE
     say = main_printer(world)
-    if (directory / DONE_FILE).is_file() and backbone_path.is_file():
+    if _finished(cfg, directory, say):
         if parent is not None or not world.is_main:
             say(f"==> pretrain: reusing the finished pre-training {digest}: {backbone_path}")
         else:
@@ -344,6 +350,10 @@ def run_pretrain(
                 "config key for a new run."
             )
         return PretrainResult(directory, backbone_path, cfg.pretrain.epochs, already_finished=True)
+    if world.is_main:
+        ckpt.make_writable_folder(directory, cfg.output_root)
+        config = to_yaml(cfg)
+        ckpt.atomic_write(directory / "config.yaml", lambda tmp: Path(tmp).write_text(config))
     if parent is not None:
         return _pretrain(cfg, world, stop_after_epoch, parent.tracker, parent.run_id)
     tracker, parent_id = open_parent(cfg, world=world)
@@ -352,6 +362,85 @@ def run_pretrain(
         if result.epochs_done < cfg.pretrain.epochs:
             outcome.stopped()
         return result
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _done_record(digest: str, epochs: int, run_id: str | None, backbone: Path) -> dict[str, Any]:
+    """What ``done.json`` holds: the run, and the size and sha256 of the exported backbone so
+    that a later reuse can tell the file it wrote from a truncated or replaced one."""
+    return {
+        "pretrain_hash": digest,
+        "epochs": epochs,
+        "mlflow_run_id": run_id,
+        "backbone_bytes": backbone.stat().st_size,
+        "backbone_sha256": _sha256(backbone),
+    }
+
+
+def _backbone_problem(done: Path, backbone: Path) -> str | None:
+    """Why the finished run's backbone cannot be reused, or None when it can.
+
+    The size is checked always and the sha256 (~45 MB to read, well under a second) where
+    ``done.json`` records one; a ``done.json`` written before it recorded them is accepted
+    when the backbone is non-empty and loads.
+    """
+    try:
+        record = json.loads(done.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{done} cannot be read ({type(exc).__name__})"
+    if not isinstance(record, dict):
+        return f"{done} is damaged (not a JSON object)"
+    if not backbone.is_file():
+        return f"backbone {backbone} is missing"
+    size = backbone.stat().st_size
+    expected = record.get("backbone_bytes")
+    if size == 0 or (expected is not None and size != expected):
+        return f"backbone {backbone} is damaged ({size} bytes, {expected or 'more'} when written)"
+    if "backbone_sha256" in record:
+        if _sha256(backbone) != record["backbone_sha256"]:
+            return f"backbone {backbone} is damaged (its sha256 is not the one in {done})"
+        return None
+    try:
+        state = torch.load(backbone, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return f"backbone {backbone} cannot be read ({type(exc).__name__})"
+    if not isinstance(state, dict) or not state:
+        return f"backbone {backbone} is damaged (not a state dict)"
+    return None
+
+
+def _finished(cfg: DictConfig, directory: Path, say: Any) -> bool:
+    """True when the run finished and its backbone is intact. A damaged one is exported
+    again from the last epoch's checkpoint when that is there (False: the caller resumes
+    from it, trains no epoch and exports); otherwise a ``CheckpointError`` says what to do."""
+    done, backbone = directory / DONE_FILE, directory / BACKBONE_FILE
+    if not done.is_file():
+        return False
+    problem = _backbone_problem(done, backbone)
+    if problem is None:
+        return True
+    epochs = cfg.pretrain.epochs
+    found = ckpt.CheckpointManager(directory, "epoch", writer=False).found()
+    final = [p for n, p in found if n == epochs]
+    if final:
+        say(f"==> pretrain: {problem}; exporting it again from {final[-1]}")
+        return False
+    if found:
+        newest, path = found[-1]
+        todo = f"to resume from {path.name} (epoch {newest} of {epochs})"
+    else:
+        todo = "to train it again (no checkpoint is left)"
+    raise ckpt.CheckpointError(
+        f"{problem} and the checkpoint of epoch {epochs} is gone: delete {done} and "
+        f"{backbone} {todo}, or delete the run folder {directory} to re-train"
+    )
 
 
 def _pretrain(
@@ -392,18 +481,17 @@ def _pretrain(
             f"==> pretrain: resuming {cfg.method.name} {digest} from {latest} (epoch {start_epoch})"
         )
 
+    # the run folder and config.yaml are written (run_pretrain): from the moment the child
+    # is RUNNING, everything is inside its status guard
     run_id = open_pretrain_run(tracker, parent_id, cfg, world, start_epoch)
-    trainer.loop.events.callbacks.append(MlflowMetrics(tracker, run_id, per_epoch=True))
-    if world.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.yaml").write_text(to_yaml(cfg))
-    say(
-        f"==> pretrain: {cfg.method.name} {digest} | {len(dataset)} images, "
-        f"{steps_per_epoch} steps/epoch, global batch {cfg.pretrain.batch_size} on "
-        f"{world.world_size} x {world.device.type} | lr {trainer.lr:g} | run dir {directory}"
-    )
     epochs, every = cfg.pretrain.epochs, cfg.pretrain.checkpoint_every
     with run_status(tracker, run_id) as outcome:
+        trainer.loop.events.callbacks.append(MlflowMetrics(tracker, run_id, per_epoch=True))
+        say(
+            f"==> pretrain: {cfg.method.name} {digest} | {len(dataset)} images, "
+            f"{steps_per_epoch} steps/epoch, global batch {cfg.pretrain.batch_size} on "
+            f"{world.world_size} x {world.device.type} | lr {trainer.lr:g} | run dir {directory}"
+        )
         loader = build_loader(cfg, world, dataset, method.wants_sample_index, method.wants_labels)
         for epoch in range(start_epoch, epochs):
             # model-side randomness (e.g. shuffle-BN permutations): per (seed, epoch, rank)
@@ -431,10 +519,8 @@ def _pretrain(
             export_backbone(method, backbone_path)
             tracker.log_artifact(run_id, backbone_path)
             tracker.log_artifact(run_id, directory / "config.yaml")
-            ckpt.save_json(
-                {"pretrain_hash": digest, "epochs": epochs, "mlflow_run_id": run_id},
-                directory / DONE_FILE,
-            )
+            record = _done_record(digest, epochs, run_id, backbone_path)
+            ckpt.save_json(record, directory / DONE_FILE)
         trainer.loop.events.on_done({})
         say(f"==> pretrain: done; backbone: {backbone_path}")
         barrier(world)

@@ -37,8 +37,29 @@ class DiskFullError(UserError):
     """The disk filled up while a file was written; nothing half-written was left behind."""
 
 
+class OutputRootError(UserError):
+    """The run folder cannot be made or written (read-only, no permission, not a folder)."""
+
+
 def run_dir(output_root: str | Path, method: str, config_hash: str) -> Path:
     return Path(output_root) / f"{method}-{config_hash}"
+
+
+def make_writable_folder(directory: Path, output_root: str | Path) -> None:
+    """Create ``directory`` and check that files can be written into it, before a stage marks
+    any run RUNNING or trains for hours; an unwritable ``output_root`` is one line."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        _raise_if_full(exc, directory)
+        reason = exc.strerror or type(exc).__name__
+        raise OutputRootError(
+            f"cannot write into {directory} ({reason}): choose a writable output_root=… "
+            f"(it is {output_root})"
+        ) from None
 
 
 def atomic_write(path: Path, write: Any) -> None:

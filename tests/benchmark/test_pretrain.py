@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from benchmark.config import load_config
 from benchmark.core.contracts import World
+from benchmark.core.errors import UserError
 from benchmark.pretrain import TrainingDiverged, run_pretrain
 from benchmark.training.checkpoints import CheckpointError
 
@@ -188,3 +191,74 @@ def test_every_method_runs_its_demo_config_and_trains_every_loss_term(
         )
         assert len(history) == 2 and all(np.isfinite(m.value) for m in history), term
         assert history[-1].value != 0, f"{method}: {term} is 0 in the last epoch"
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_backbone_of_a_finished_run_is_exported_again_or_named(
+    tiny, tmp_path: Path, capsys
+):
+    cfg = tiny(tmp_path)
+    result = run_pretrain(cfg, World())
+    done, backbone = result.run_dir / "done.json", result.backbone_path
+    record = json.loads(done.read_text())
+    assert record["backbone_bytes"] == backbone.stat().st_size
+    assert record["backbone_sha256"] == hashlib.sha256(backbone.read_bytes()).hexdigest()
+    exported = torch.load(backbone, weights_only=True)
+    capsys.readouterr()
+
+    # truncated after the run finished: exported again from the last epoch's checkpoint
+    backbone.write_bytes(backbone.read_bytes()[:1000])
+    again = run_pretrain(cfg, World())
+    assert not again.already_finished and again.epochs_done == 2
+    err = capsys.readouterr().err
+    assert f"backbone {backbone} is damaged (1000 bytes, {record['backbone_bytes']} when" in err
+    assert "exporting it again from" in err and "epoch_0000002.pth" in err
+    assert _same_tensors(torch.load(backbone, weights_only=True), exported)
+    assert run_pretrain(cfg, World()).already_finished
+    assert runs("tags.stage = 'pretrain'")[0].info.status == "FINISHED"
+
+    # the same bytes flipped (size unchanged): the sha256 tells
+    data = bytearray(backbone.read_bytes())
+    data[-100] ^= 0xFF
+    backbone.write_bytes(bytes(data))
+    assert not run_pretrain(cfg, World()).already_finished
+    assert "its sha256 is not the one in" in capsys.readouterr().err
+
+    # a done.json from before it recorded the backbone: accepted while the backbone loads
+    done.write_text(json.dumps({"pretrain_hash": record["pretrain_hash"], "epochs": 2}))
+    assert run_pretrain(cfg, World()).already_finished
+    backbone.write_bytes(b"")
+    assert not run_pretrain(cfg, World()).already_finished
+    done.write_text("{trunc")
+    assert not run_pretrain(cfg, World()).already_finished
+    assert "done.json cannot be read (JSONDecodeError); exporting it again" in (
+        capsys.readouterr().err
+    )
+
+    # without the last epoch's checkpoint: one line naming the file and what to do
+    backbone.write_bytes(b"x")
+    (result.run_dir / "epoch_0000002.pth").unlink()
+    with pytest.raises(CheckpointError) as exc:
+        run_pretrain(cfg, World())
+    size = json.loads(done.read_text())["backbone_bytes"]
+    assert str(exc.value) == (
+        f"backbone {backbone} is damaged (1 bytes, {size} when written) and the checkpoint of "
+        f"epoch 2 is gone: delete {done} and {backbone} to resume from epoch_0000001.pth "
+        f"(epoch 1 of 2), or delete the run folder {result.run_dir} to re-train"
+    )
+    assert backbone.read_bytes() == b"x"
+
+
+def test_an_unwritable_output_root_is_one_line_and_marks_no_run(tiny, tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = tiny(blocker / "runs")
+    with pytest.raises(UserError) as exc:
+        run_pretrain(cfg, World())
+    message = str(exc.value)
+    assert "\n" not in message and f"cannot write into {blocker / 'runs'}" in message
+    assert message.endswith(f"choose a writable output_root=… (it is {blocker / 'runs'})")
+    assert runs("tags.run_kind = 'benchmark'") == [] and runs("tags.stage = 'pretrain'") == []
