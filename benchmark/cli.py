@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from benchmark import __version__
 from benchmark.core.errors import UserError, one_line
 from benchmark.core.schema import DATASETS
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the suite's one line (``error: ...``, exit 2) and a
+    pointer to ``--help``, instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; `{self.prog} --help` lists the options\n")
 
 
 def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -> None:
@@ -37,7 +51,7 @@ def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="concl-bench",
         description=(
             "Benchmark self-supervised pre-training for gland detection in pathology "
@@ -60,12 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="convert a GlaS or CRAG release (or accept a COCO folder) for fine-tuning"
     )
     prep.add_argument("dataset", choices=list(DATASETS))
-    prep.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
     check = data_sub.add_parser(
-        "check", help="validate a prepared dataset and list every problem by file"
+        "check", help="validate a dataset (raw release, then its conversion) and list every problem"
     )
     check.add_argument("dataset", help="glas, crag, or the path of a prepared COCO folder")
-    check.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
+    for p in (prep, check):
+        p.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
+        p.add_argument(
+            "--raw-root",
+            type=Path,
+            help="the release folder (or a folder above it); same as finetune.<dataset>.raw_root",
+        )
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
     pre = sub.add_parser(
         "pretrain",
@@ -151,10 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _data_generate(args: argparse.Namespace) -> int:
-
     from omegaconf import OmegaConf
 
-    from benchmark.config import DataConfig, experiments_dir
+    from benchmark.config import ConfigError, DataConfig, experiments_dir
     from benchmark.data.synthetic import write_pretrain_set
 
     demo = OmegaConf.merge(
@@ -162,9 +181,21 @@ def _data_generate(args: argparse.Namespace) -> int:
         OmegaConf.load(experiments_dir() / "demo.yaml").get("data", {}),
     )
     root = Path(args.root or demo.root)
-    n = args.num_images or demo.synthetic_images
-    size = args.size or demo.synthetic_size
+    # `is None`, not `or`: an explicit 0 is a mistake to refuse, not "use the default"
+    n = demo.synthetic_images if args.num_images is None else args.num_images
+    size = demo.synthetic_size if args.size is None else args.size
     seed = demo.synthetic_seed if args.seed is None else args.seed
+    if n < 1:
+        raise ConfigError(
+            f"--num-images {n}: the set needs at least 1 image (leave it out for the demo's "
+            f"{demo.synthetic_images})"
+        )
+    if size < 8:
+        raise ConfigError(
+            f"--size {size}: patches must be at least 8 px (leave it out for the demo's "
+            f"{demo.synthetic_size})"
+        )
+    check_writable(root, "--root", "--root=…")
     print(f"==> writing {n} synthetic H&E patches of {size} px to {root}", file=sys.stderr)
     write_pretrain_set(root, n, size, seed, list_file=demo.list_file or "train.txt")
     print(f"==> synthetic pre-training set ready: {root}", file=sys.stderr)
@@ -226,11 +257,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.method, args.profile, tuple(args.config), tuple(overrides), announce=is_main
     )
     weights = getattr(args, "weights", None)
-    if weights is not None and not Path(weights).is_file():
-        raise ConfigError(f"--weights {weights} does not exist")
     if args.gpus < 1:
-        raise ConfigError("--gpus / GPUS must be >= 1")
+        raise ConfigError(f"--gpus / GPUS must be >= 1 (got {args.gpus})")
     check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
+    _preflight(cfg, args.command, weights)
     if args.gpus > 1 and not under_torchrun:
         import torch
 
@@ -256,9 +286,130 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def check_writable(path: Path, what: str, fix: str) -> None:
+    """Raise a one-line ConfigError unless files can be written at ``path``: in it when it is
+    a folder, else in its nearest existing parent (where the missing folders would be made).
+
+    A probe file (or folder) is made and removed at once, and the folder's times are put
+    back, so a refused or later failing run leaves the tree exactly as it was. This catches
+    read-only mounts, missing permissions and paths under a file before any work, instead of
+    a traceback hours in (or after runs were marked RUNNING)."""
+    from benchmark.config import ConfigError
+
+    path = Path(path)
+    probe = path
+    while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == path else f"lies under {probe}, which is"
+        raise ConfigError(f"{what} {path} {where} a file, not a folder: choose {fix}")
+    try:
+        times = probe.stat()
+        if probe == path:
+            fd, name = tempfile.mkstemp(prefix=".concl-bench-write-check-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".concl-bench-write-check-", dir=probe))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        cannot = "write in" if probe == path else f"create {path} under"
+        raise ConfigError(
+            f"{what} {path} is not writable (cannot {cannot} {probe}: {reason}): choose {fix}"
+        ) from None
+    with contextlib.suppress(OSError):  # the probe worked; at worst the folder's times moved
+        os.utime(probe, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
+    """Every check that needs no work, before any: weights, the folders the run will write,
+    the data it will read and batches that fit it. A failure here is one line and leaves the
+    MLflow store and every folder as they were."""
+    from benchmark.core.registry import get_method
+
+    check_writable(Path(cfg.output_root), "output_root", "a writable output_root=…")
+    if weights is not None:
+        from benchmark.transfer.model import check_backbone_file
+
+        check_backbone_file(weights)
+    elif command in ("pretrain", "benchmark") and get_method(cfg.method.name).pretrains:
+        _check_pretrain_data(cfg)
+    if command == "pretrain":
+        return
+    for name in cfg.finetune.datasets:
+        _check_transfer_data(cfg, name)
+    tissue = [p for p in cfg.probe.probes if p in ("knn", "linear")]
+    t = cfg.probe.tissue
+    if tissue and t.synthetic:
+        for key in ("train_root", "test_root"):
+            if not _complete(t[key]):
+                check_writable(Path(t[key]), f"probe.tissue.{key}", f"a writable {key}")
+
+
+def _complete(root: str | Path) -> bool:
+    from benchmark.data.markers import read_marker
+
+    return read_marker(Path(root)) is not None
+
+
+def _check_pretrain_data(cfg: DictConfig) -> None:
+    """The pre-training images exist (or can be generated) and hold one global batch; not
+    needed when this config's pre-training already finished."""
+    from benchmark.config import ConfigError, pretrain_hash
+    from benchmark.data.pretrain import PretrainImageDataset
+    from benchmark.pretrain import BACKBONE_FILE, DONE_FILE
+    from benchmark.training.checkpoints import run_dir
+
+    directory = run_dir(cfg.output_root, cfg.method.name, pretrain_hash(cfg))
+    if (directory / DONE_FILE).is_file() and (directory / BACKBONE_FILE).is_file():
+        return
+    d = cfg.data
+    if d.synthetic:  # its size is checked with the config; it only has to be writable
+        if not _complete(d.root):
+            check_writable(Path(d.root), "data.root", "a writable data.root=…")
+        return
+    count = len(PretrainImageDataset(d.root, d.list_file))
+    batch = cfg.pretrain.batch_size
+    if batch > count:
+        raise ConfigError(
+            f"pretrain.batch_size={batch} is larger than the {count} pre-training images in "
+            f"{d.root}: lower pretrain.batch_size to at most {count}, or add images"
+        )
+
+
+def _check_transfer_data(cfg: DictConfig, name: str) -> None:
+    """A real GlaS/CRAG is in place (found now, not after hours of pre-training) and holds
+    one fine-tuning batch; the folders its conversion (or synthetic set) goes to are
+    writable."""
+    from benchmark.config import ConfigError
+    from benchmark.data.coco import locate_release, train_image_count
+
+    d = cfg.finetune[name]
+    prefix = f"finetune.{name}"
+    if d.synthetic:
+        if not _complete(d.raw_root):
+            check_writable(
+                Path(d.raw_root), f"{prefix}.raw_root", f"a writable {prefix}.raw_root=…"
+            )
+        if not _complete(d.root):
+            check_writable(Path(d.root), f"{prefix}.root", f"a writable {prefix}.root=…")
+        return
+    found = locate_release(name, Path(d.raw_root), skip=Path(d.root))
+    count = train_image_count(name, found)
+    batch = cfg.finetune.batch_size
+    if count is not None and batch > count:
+        raise ConfigError(
+            f"finetune.batch_size={batch} is larger than the {count} {name} training images in "
+            f"{found}: lower finetune.batch_size to at most {count}"
+        )
+    if found != Path(d.root) and not _complete(d.root) and not (found / "annotations").is_dir():
+        check_writable(Path(d.root), f"{prefix}.root", f"a writable {prefix}.root=…")
+
+
 def _export(args: argparse.Namespace) -> int:
     from benchmark.transfer.detectron2 import export_detectron2, import_detectron2
 
+    check_writable(Path(args.target).parent, "the target folder", "another target path")
     if args.command == "export":
         export_detectron2(args.source, args.target)
     else:
@@ -268,15 +419,36 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _data_prepare_or_check(args: argparse.Namespace) -> int:
+    """``data prepare`` converts (or generates, in the demo) one dataset; ``data check``
+    lists the problems of a raw release first (exit 1), then those of its conversion."""
     from benchmark.config import load_config
-    from benchmark.data.coco import check_dataset
+    from benchmark.data.coco import check_dataset, check_raw, locate_release
+    from benchmark.data.pretrain import DatasetError
     from benchmark.training.distributed import init_world
     from benchmark.transfer.finetune import prepare_dataset_for
 
     if args.data_command == "check" and args.dataset not in DATASETS:
         root = Path(args.dataset)
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DatasetError(
+                f"{root} {what}: give glas, crag or the path of a prepared COCO folder"
+            )
     else:
-        cfg = load_config("random", args.profile)
+        cfg = load_config("random", args.profile, overrides=tuple(args.overrides))
+        d = cfg.finetune[args.dataset]
+        if args.raw_root is not None:  # the user's release, never a synthetic stand-in
+            d.raw_root, d.synthetic = str(args.raw_root), False
+        if not d.synthetic:
+            raw = locate_release(args.dataset, Path(d.raw_root), skip=Path(d.root))
+            problems = check_raw(args.dataset, raw)
+            if problems and args.data_command == "check":
+                for problem in problems:
+                    print(problem)
+                print(f"==> {raw}: {len(problems)} problem(s) in the raw release", file=sys.stderr)
+                return 1
+            if not (raw / "annotations").is_dir() and not _complete(d.root):
+                check_writable(Path(d.root), f"finetune.{args.dataset}.root", "another root")
         root = prepare_dataset_for(cfg, args.dataset, init_world("cpu"))
     if args.data_command == "prepare":
         print(f"==> {args.dataset} ready for fine-tuning: {root}", file=sys.stderr)
@@ -302,6 +474,7 @@ def _report(args: argparse.Namespace) -> int:
     from benchmark.report import build_report
 
     tracking = TrackingConfig()
+    check_writable(args.out, "--out", "another --out folder")
     result = build_report(
         tracking.uri, tracking.experiment, args.out, baseline=args.baseline, delta=args.delta
     )

@@ -423,6 +423,18 @@ def load_config(
         malformed = [o for o in overrides if "=" not in o or o.startswith("=")]
         if malformed:
             raise ConfigError(f"override '{malformed[0]}' is not of the form key=value")
+        for override in overrides:
+            key, _, value = override.partition("=")
+            try:
+                node = OmegaConf.select(cfg, key.strip(), default=None)
+            except OmegaConfBaseException:
+                node = None  # a malformed key: from_dotlist below words the error
+            if isinstance(node, DictConfig) and not value.lstrip().startswith("{"):
+                first = next(iter(node), "key")
+                raise ConfigError(
+                    f"command line: '{key}' is a config section, not a value; name one of its "
+                    f"keys, e.g. {key}.{first}=..."
+                )
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as exc:

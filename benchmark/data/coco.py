@@ -54,6 +54,7 @@ __all__ = [
     "locate_release",
     "prepare_dataset",
     "read_instance_map",
+    "train_image_count",
 ]
 
 CONVERTER_VERSION = 1  # bump whenever the jsons a raw release produces change
@@ -521,6 +522,24 @@ def check_raw(name: str, root: Path) -> list[str]:
     if _is_coco(root):
         return []
     return check_raw_glas(root) if name.lower() == "glas" else check_raw_crag(root)
+
+
+def train_image_count(name: str, root: Path) -> int | None:
+    """Training images a fine-tune can draw from the folder ``locate_release`` found: raw pairs,
+    or the images with an instance in a COCO ``train.json``; None when that cannot be told
+    without converting (the conversion then reports the problem)."""
+    root = Path(root)
+    if _is_coco(root):
+        data, _ = _load_json(root / "annotations" / "train.json")
+        if data is None:
+            return None
+        return len({a.get("image_id") for a in data["annotations"] if isinstance(a, dict)})
+    scan = _glas_pairs if name.lower() == "glas" else _crag_pairs
+    try:
+        pairs, _ = scan(root)
+    except OSError:
+        return None
+    return sum(p.split == "train" for p in pairs)
 
 
 def prepare_dataset(name: str, raw_root: Path, out_root: Path) -> Path:
