@@ -38,7 +38,14 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from benchmark.core.errors import with_type as _one_line
-from benchmark.data.markers import MARKER_NAME, read_marker
+from benchmark.data.markers import (
+    MARKER_NAME,
+    WRITE_ERRNOS,
+    make_parents,
+    read_marker,
+    remove_made,
+    write_error,
+)
 from benchmark.data.pretrain import IMAGE_EXTENSIONS, DatasetError
 
 __all__ = [
@@ -317,10 +324,15 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
                 f"{out_root} exists but is not a {dataset} conversion made by this code: "
                 "delete it or choose another output folder"
             )
-    out_root.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = out_root.parent / f".{out_root.name}.partial-{tag}"
-    tmp.mkdir()
+    made: list[Path] = []
+    try:
+        made = make_parents(out_root)
+        tmp.mkdir()
+    except OSError as exc:
+        remove_made(made)
+        raise write_error(out_root, exc) from exc
     try:
         _convert_into(tmp, dataset, pairs)
         (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
@@ -337,8 +349,11 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
         finally:
             if stale:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
+        remove_made(made)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise write_error(out_root, exc) from exc
         raise
     return out_root
 

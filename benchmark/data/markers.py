@@ -16,6 +16,8 @@ from typing import Any
 from benchmark.data.pretrain import DatasetError
 
 MARKER_NAME = ".complete"
+#: OS errors a user fixes by freeing space or choosing another folder, not by reading a trace.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def read_marker(root: Path) -> dict[str, Any] | None:
@@ -65,10 +67,12 @@ def publish(
     is on the same file system, so the rename is atomic, and ``mkdir`` honours the umask.
     """
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    made: list[Path] = []
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
+        made = make_parents(root)
         tmp.mkdir()
     except OSError as exc:
+        remove_made(made)
         raise write_error(root, exc) from exc
     try:
         fill(tmp)
@@ -82,14 +86,38 @@ def publish(
             raise
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        remove_made(made)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
             raise write_error(root, exc) from exc
         raise
     return root
 
 
-#: OS errors a user fixes by freeing space or choosing another folder, not by reading a trace.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+def make_parents(root: Path) -> list[Path]:
+    """Create the missing parents of ``root``; returns those made, outermost first, so that a
+    failed write can remove them again (``remove_made``) and leave the tree as it was."""
+    missing = []
+    parent = Path(root).parent
+    while not parent.exists() and parent.parent != parent:
+        missing.append(parent)
+        parent = parent.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # a concurrent writer made it: not ours to remove
+            continue
+        made.append(folder)
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders ``make_parents`` made, innermost first, where they are still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # something else was put there meanwhile: keep it and its parents
 
 
 def write_error(root: Path, exc: OSError) -> DatasetError:
@@ -97,8 +125,8 @@ def write_error(root: Path, exc: OSError) -> DatasetError:
     permission, saying what to do (nothing was left behind: the partial folder is removed)."""
     reason = exc.strerror or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        todo = "free some space or choose another root"
+        todo = "free some space or choose another folder"
     else:
-        todo = "choose a writable root"
+        todo = "choose a writable folder"
     where = f" ({exc.filename})" if exc.filename else ""
     return DatasetError(f"cannot write {root}: {reason}{where}: {todo}")
