@@ -499,8 +499,9 @@ def _pretrain(
             loader.sampler.set_epoch(epoch)
             progress = Progress(world, epoch, epochs, steps_per_epoch, cfg.pretrain.batch_size)
             try:
-                # a resumed first epoch creates its persistent workers off the model stream
-                batches = epoch_batches(loader, epoch, start_epoch)
+                # the loader's seed draw stays off the model stream after epoch 0, so a
+                # resumed run and any num_workers train alike
+                batches = epoch_batches(loader, epoch)
                 metrics = trainer.train_epoch(batches, epoch, progress)
             finally:
                 progress.close()

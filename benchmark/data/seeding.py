@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 #: First value of every ``mix_seed`` tuple, so data and model streams never share a seed:
 #: pre-training views and model draws, fine-tuning model draws and fine-tuning flips.
@@ -69,13 +69,10 @@ class EpochTaggedSampler(Sampler[tuple[int, int]]):
 class OffStreamIteration:
     """Iterating ``loader`` draws its workers' base seed without touching torch's global RNG.
 
-    A DataLoader draws that seed from the global RNG whenever it creates an iterator; with
-    persistent workers it creates one per process, in the process's first epoch. An
-    uninterrupted run draws it from epoch 0's model stream (left where it is, so its results
-    stay as they were); a run resumed at epoch k > 0 would draw it from epoch k's stream and
-    shift every model-side draw of that epoch (shuffle-BN permutations). Wrap the loader for
-    that first epoch: the draw happens under ``fork_rng``, so the epoch's stream is the
-    uninterrupted run's. The views do not depend on the worker seeds (``SeededSamples``).
+    A DataLoader draws that seed from the global RNG whenever it creates an iterator: with
+    persistent workers once per process, in its first epoch, otherwise every epoch. So the
+    model stream of an epoch (shuffle-BN permutations, k-means) would depend on whether the
+    process started at that epoch (a resume) and on ``num_workers``. See ``epoch_batches``.
     """
 
     def __init__(self, loader: Iterable[Any]) -> None:
@@ -86,14 +83,17 @@ class OffStreamIteration:
             return iter(self.loader)
 
 
-def epoch_batches(loader: DataLoader, epoch: int, first_epoch: int) -> Iterable[Any]:
-    """What to iterate in ``epoch`` of a process whose first epoch is ``first_epoch``: the
-    loader itself, or ``OffStreamIteration`` where an uninterrupted run creates no iterator
-    (persistent workers, a resumed first epoch > 0). See ``OffStreamIteration``."""
-    persists = loader.persistent_workers and loader.num_workers > 0
-    if persists and epoch == first_epoch > 0:
-        return OffStreamIteration(loader)
-    return loader
+def epoch_batches(loader: Iterable[Any], epoch: int) -> Iterable[Any]:
+    """What to iterate in ``epoch``: only epoch 0 creates its iterator on the model stream.
+
+    Epoch 0 keeps the one draw every run always made there (uninterrupted runs with
+    persistent workers, the demo's default, stay exactly as they were); every later epoch
+    creates or resets its iterator off the stream (``OffStreamIteration``), which is what a
+    persistent loader always did there by drawing nothing. A run resumed at epoch k > 0 then
+    continues bit-for-bit, and ``num_workers=0`` (an iterator per epoch) trains the same as
+    persistent workers. The views never depend on the worker seeds (``SeededSamples``).
+    """
+    return loader if epoch == 0 else OffStreamIteration(loader)
 
 
 class SeededSamples(Dataset):

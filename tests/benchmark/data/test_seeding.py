@@ -95,34 +95,33 @@ def test_stream_keys_the_seed_of_a_sample():
     assert not torch.equal(ds[(1, 4)], SeededSamples(RandomDraw(), seed=7)[(1, 4)])
 
 
-def _persistent_loader() -> DataLoader:
-    return DataLoader(RandomDraw(), batch_size=6, num_workers=1, persistent_workers=True)
+def _after_epoch(loader: DataLoader, epoch: int) -> torch.Tensor:
+    """Two global draws after iterating ``epoch`` of ``loader`` from seed 5."""
+    torch.manual_seed(5)
+    assert len(list(epoch_batches(loader, epoch))) == 2
+    return torch.rand(2)
 
 
-def test_first_iterator_of_a_resumed_run_leaves_the_global_rng_alone():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_only_epoch_0_draws_the_loaders_seed_from_the_global_rng(workers: int):
     torch.manual_seed(5)
     untouched = torch.rand(2)
-    # an uninterrupted run's first epoch still draws the workers' base seed (one draw) ...
-    torch.manual_seed(5)
-    loader = _persistent_loader()
-    assert epoch_batches(loader, 0, first_epoch=0) is loader
-    assert len(list(loader)) == 2
-    assert not torch.equal(torch.rand(2), untouched)
-    # ... a later epoch of the same process reuses the workers and draws nothing
-    torch.manual_seed(5)
-    assert epoch_batches(loader, 1, first_epoch=0) is loader
-    assert len(list(loader)) == 2
-    assert torch.equal(torch.rand(2), untouched)
-    # a resumed run's first epoch (> 0) creates its workers off the stream, like the above
-    torch.manual_seed(5)
-    resumed = _persistent_loader()
-    batches = epoch_batches(resumed, 3, first_epoch=3)
-    assert isinstance(batches, OffStreamIteration)
-    assert len(list(batches)) == 2
-    assert torch.equal(torch.rand(2), untouched)
-    # without persistent workers every epoch makes an iterator, resumed or not
-    plain = DataLoader(RandomDraw(), batch_size=6)
-    assert epoch_batches(plain, 3, first_epoch=3) is plain
+    persistent = workers > 0
+    # items that draw nothing (the real ones draw under SeededSamples' fork_rng)
+    loader = DataLoader(
+        list(range(12)), batch_size=6, num_workers=workers, persistent_workers=persistent
+    )
+    assert epoch_batches(loader, 0) is loader
+    # epoch 0: the one draw of the workers' base seed, where every run always made it
+    assert not torch.equal(_after_epoch(loader, 0), untouched)
+    # later epochs: nothing, whether the workers persist or a new iterator is made
+    assert isinstance(epoch_batches(loader, 1), OffStreamIteration)
+    assert torch.equal(_after_epoch(loader, 1), untouched)
+    # a resumed run's first epoch (> 0): a fresh loader, its first iterator off the stream
+    fresh = DataLoader(
+        list(range(12)), batch_size=6, num_workers=workers, persistent_workers=persistent
+    )
+    assert torch.equal(_after_epoch(fresh, 3), untouched)
 
 
 def test_mix_seed_streams_differ():
