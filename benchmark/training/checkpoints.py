@@ -184,6 +184,19 @@ class CheckpointManager:
         found = self.found()
         return found[-1][1] if found else None
 
+    def prune(self, keep: int = 1) -> list[Path]:
+        """Delete every checkpoint but the newest ``keep`` (writer only); returns the deleted.
+
+        For a finished stage: its result is written, the newest checkpoint is enough to
+        score it again, and the others are dead weight (181 MB each in fine-tuning).
+        """
+        if not self.writer or keep < 1:
+            return []
+        old = [p for _, p in self.found()[:-keep]]
+        for p in old:
+            p.unlink(missing_ok=True)
+        return old
+
     def save(self, state: dict[str, Any], n: int) -> Path | None:
         """Write ``state`` as checkpoint ``n`` (atomically; rank 0 only)."""
         if not self.writer:

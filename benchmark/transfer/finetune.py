@@ -129,19 +129,27 @@ def finetune(
     ``callbacks`` get the training loop's events: ``on_log`` every ``log_every`` iterations
     with the losses averaged over the window and over processes, ``on_done`` with the COCO
     metrics (the MLflow layer subscribes; off rank 0 its tracker does nothing).
+
+    A resumed run continues exactly as an uninterrupted one (see ``_stream`` and
+    ``_seed_step``). ``metrics.json`` marks the (dataset, seed) done; once it is written the
+    iteration checkpoints but the newest are deleted (181 MB each at the paper's size): the
+    newest is enough to score it again, after deleting ``metrics.json``.
     """
     from benchmark.data.coco import CocoInstances, collate
     from benchmark.transfer.evaluate import coco_ap, predict
     from benchmark.transfer.model import build_mask_rcnn, load_backbone, param_groups
     from benchmark.transfer.precise_bn import precise_bn
 
-    if (out_dir / METRICS_FILE).is_file():
-        return FinetuneResult(json.loads((out_dir / METRICS_FILE).read_text()), out_dir, True)
+    scored = read_metrics(out_dir)
+    if scored is not None:
+        return FinetuneResult(scored, out_dir, True)
     f, d = cfg.finetune, cfg.finetune[name]
     if f.batch_size % world.world_size:
         raise ConfigError(
             f"finetune.batch_size={f.batch_size} does not split over {world.world_size} processes"
         )
+    if world.is_main:  # before hours of training, not at the first checkpoint
+        ckpt.make_writable_folder(out_dir, cfg.output_root)
     root = prepare_dataset_for(cfg, name, world)
     say = main_printer(world)
 
@@ -265,6 +273,7 @@ def finetune(
         metrics["eval_time_s"] = time.perf_counter() - start_eval
         metrics["precise_bn_batches"] = float(used)
         ckpt.save_json(metrics, out_dir / METRICS_FILE)
+        checkpoints.prune(keep=1)
         say(
             f"==> finetune {name} seed {seed}: bbox AP {metrics['bbox_AP']:.1f}, "
             f"segm AP {metrics['segm_AP']:.1f}"
@@ -272,6 +281,28 @@ def finetune(
     loop.events.on_done(metrics)
     barrier(world)
     return FinetuneResult(metrics, out_dir)
+
+
+def read_metrics(out_dir: Path) -> dict[str, float] | None:
+    """The COCO metrics of a finished (dataset, seed), None when it is not scored yet.
+
+    ``metrics.json`` present means finished; one that does not parse or has no ``bbox_AP``
+    is a ``CheckpointError`` saying how to score it again.
+    """
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        reason = f"cannot be read ({type(exc).__name__})"
+    else:
+        if isinstance(metrics, dict) and isinstance(metrics.get("bbox_AP"), int | float):
+            return metrics
+        reason = "has no bbox_AP"
+    raise ckpt.CheckpointError(
+        f"{path} {reason}: delete it to score this fine-tune again from its newest checkpoint"
+    )
 
 
 class _LogLines(Callback):

@@ -48,6 +48,17 @@ def test_only_the_writer_writes(tmp_path: Path):
     assert not (tmp_path / "run").exists()
 
 
+def test_prune_keeps_the_newest_checkpoints_only(tmp_path: Path):
+    manager = CheckpointManager(tmp_path, "iter")
+    for n in (2, 4, 5):
+        manager.save({"iteration": n}, n)
+    (tmp_path / "metrics.json").write_text("{}")
+    assert CheckpointManager(tmp_path, "iter", writer=False).prune() == []
+    assert manager.prune() == [manager.path(2), manager.path(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005.pth", "metrics.json"]
+    assert manager.prune() == []
+
+
 def test_writer_removes_what_killed_writes_left_and_nothing_else(tmp_path: Path):
     killed = [tmp_path / ".epoch_0000002.pth.k3_9xq0a.tmp", tmp_path / ".done.json.abcdefgh.tmp"]
     kept = [

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmark.config import load_config
 from benchmark.core.contracts import World
-from benchmark.transfer.finetune import METRICS_FILE, finetune
+from benchmark.core.errors import UserError
+from benchmark.training.checkpoints import CheckpointError
+from benchmark.transfer.finetune import METRICS_FILE, finetune, read_metrics
 from tests.benchmark._tiny import TINY_FINETUNE
 
 
@@ -51,3 +54,41 @@ def test_fine_tune_stopped_mid_epoch_resumes_as_if_never_stopped(tmp_path: Path)
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert _scored(straight) == _scored(resumed)
     assert _scored(straight)["precise_bn_batches"] == 2.0
+    # scored: only the newest checkpoint is kept (enough to score it again)
+    for out in (straight, resumed):
+        assert sorted(p.name for p in out.glob("iter_*.pth")) == ["iter_0000005.pth"]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"bbox_AP": 1', "cannot be read (JSONDecodeError)"),
+        ('{"segm_AP": 2.0}', "has no bbox_AP"),
+    ],
+)
+def test_a_damaged_metrics_file_is_one_line_saying_how_to_rescore(
+    tmp_path: Path, text: str, reason: str
+):
+    (tmp_path / METRICS_FILE).write_text(text)
+    with pytest.raises(CheckpointError) as exc:
+        finetune(tiny(tmp_path), "glas", 1, None, World(), tmp_path)
+    assert str(exc.value) == (
+        f"{tmp_path / METRICS_FILE} {reason}: delete it to score this fine-tune again from "
+        "its newest checkpoint"
+    )
+
+
+def test_a_scored_fine_tune_is_read_back_and_not_run(tmp_path: Path):
+    assert read_metrics(tmp_path) is None
+    (tmp_path / METRICS_FILE).write_text('{"bbox_AP": 12.5, "segm_AP": 10.0}')
+    result = finetune(tiny(tmp_path), "glas", 1, None, World(), tmp_path)
+    assert result.already_done and result.metrics == {"bbox_AP": 12.5, "segm_AP": 10.0}
+
+
+def test_an_unwritable_output_folder_stops_before_training(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "glas" / "seed1"
+    with pytest.raises(UserError, match=r"cannot write into .*: choose a writable output_root="):
+        finetune(tiny(tmp_path), "glas", 1, None, World(), out)
+    assert not (tmp_path / "coco").exists()  # stopped before converting the data
