@@ -145,3 +145,72 @@ def test_ui_refuses_a_busy_port(capsys: pytest.CaptureFixture[str]):
         port = busy.getsockname()[1]
         assert main(["ui", "--port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_data_generate_takes_an_explicit_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["data", "generate", "--root", str(tmp_path / "g"), "--num-images", "3",
+                 "--size", "8"]) == 0  # fmt: skip
+    assert len((tmp_path / "g" / "train.txt").read_text().splitlines()) == 3
+    assert "writing 3 synthetic H&E patches of 8 px" in capsys.readouterr().err
+
+
+def test_data_prepare_uses_a_release_as_it_unzips_or_the_raw_root_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from benchmark.data.glands import write_glas_raw
+
+    release = tmp_path / "GlaS" / "Warwick QU Dataset (Released 2016_07_08)"
+    write_glas_raw(release, 2, 1, 0, height=96, width=128)
+    out = tmp_path / "prepared"
+    args = ["data", "prepare", "glas", "--profile", "paper", f"finetune.glas.root={out}"]
+    assert main([*args, f"finetune.glas.raw_root={tmp_path / 'GlaS'}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"==> glas: using {release} (found below {tmp_path / 'GlaS'})" in err
+    assert err[-1] == f"==> glas ready for fine-tuning: {out}"
+    assert main(["data", "check", "glas", "--profile", "paper", "--raw-root", str(release),
+                 f"finetune.glas.root={out}"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == ""
+
+
+def test_data_check_lists_a_raw_releases_problems_before_converting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import numpy as np
+    from PIL import Image
+
+    from benchmark.data.glands import write_glas_raw
+
+    raw = write_glas_raw(tmp_path / "raw", 2, 1, 0, height=96, width=128)
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(raw / "testA_1_anno.bmp")
+    (raw / "train_2_anno.bmp").unlink()
+    out = tmp_path / "prepared"
+    args = ["--profile", "paper", "--raw-root", str(raw), f"finetune.glas.root={out}"]
+    assert main(["data", "check", "glas", *args]) == 1
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [
+        f"{raw / 'train_2.bmp'}: no annotation train_2_anno.bmp",
+        f"{raw / 'testA_1_anno.bmp'}: no gland instance (all pixels are 0)",
+    ]
+    assert main(["data", "prepare", "glas", *args]) == 2  # prepare agrees: it refuses
+    assert "train_2.bmp: no annotation" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_check_writable_leaves_no_trace(tmp_path: Path):
+    from benchmark.cli import check_writable
+    from benchmark.config import ConfigError
+
+    (tmp_path / "keep.txt").write_text("x")
+    stamp = tmp_path.stat().st_mtime_ns
+    check_writable(tmp_path, "output_root", "a writable output_root=…")
+    check_writable(tmp_path / "new" / "deeper", "output_root", "a writable output_root=…")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert tmp_path.stat().st_mtime_ns == stamp  # the folder's times are put back
+    with pytest.raises(ConfigError, match=r"^output_root /sys/x is not writable \(cannot"):
+        check_writable(Path("/sys/x"), "output_root", "a writable output_root=…")
+
+
+def test_overrides_may_follow_options_anywhere(capsys: pytest.CaptureFixture[str]):
+    argv = ["pretrain", "-m", "mocov2", "pretrain.epochs=2", "--profile", "demo", "optim.lr=-1"]
+    assert main(argv) == 2  # the second override is read, not refused as unrecognized
+    assert capsys.readouterr().err.splitlines()[-1] == "error: optim.lr must be > 0 (got -1.0)"

@@ -1,0 +1,356 @@
+"""Every bad input a user can type gets one line: exit 2, ``error: <what to do>``, nothing touched.
+
+Each case runs the real command line in-process (``benchmark.cli.main``, as a user's
+``concl-bench ...``; argparse's own exits included) in a workspace holding a populated MLflow
+store, an output folder with a file in it and the inputs the case needs. It asserts exit
+status 2, no output on stdout, exactly one line on stderr besides the ``==> `` progress lines
+(the profile banner), that line starting with ``error: `` and holding the case's words (what
+is wrong and what to do), and that every file of the workspace, the store and the repository's
+``datasets/`` is exactly as before (names, sizes, modification times; no file or folder added).
+
+Left out, as other parts of the suite own their fixes: tracking-URI faults (unwritable or
+unknown ``MLFLOW_TRACKING_URI``, an unreachable server), ``pretrain.device=cuda`` without a GPU,
+a checkpoint that is not a dict, and a full disk while writing checkpoints or artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from torchvision.models import resnet18
+
+from benchmark.cli import main
+from benchmark.data.glands import write_glas_raw
+from benchmark.data.synthetic import write_pretrain_set
+from benchmark.transfer.detectron2 import to_detectron2
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class Case:
+    """argv with ``{tmp}`` (the workspace), ``{w}`` (weights) and ``{img}`` (32 images) filled
+    in; ``words`` must all be in the error line; ``setup`` prepares the workspace first."""
+
+    name: str
+    argv: tuple[str, ...]
+    words: tuple[str, ...]
+    setup: Callable[[Path, Path], None] | None = field(default=None, compare=False)
+
+
+def _roots() -> tuple[str, ...]:
+    """Every folder a demo run writes, inside the workspace: a case that wrongly starts work
+    never touches the repository."""
+    return (
+        "output_root={tmp}/out",
+        "data.root={tmp}/nct",
+        "finetune.glas.raw_root={tmp}/glas",
+        "finetune.glas.root={tmp}/pglas",
+        "finetune.crag.raw_root={tmp}/crag",
+        "finetune.crag.root={tmp}/pcrag",
+        "probe.tissue.train_root={tmp}/ptrain",
+        "probe.tissue.test_root={tmp}/ptest",
+        "pretrain.device=cpu",
+        "data.num_workers=0",
+    )
+
+
+def _pretrain(*extra: str) -> tuple[str, ...]:
+    return ("pretrain", "-m", "mocov2", "--profile", DEMO, *_roots(), *extra)
+
+
+def _bench(*extra: str, method: str = "random") -> tuple[str, ...]:
+    return ("benchmark", "-m", method, "--profile", DEMO, *_roots(), *extra)
+
+
+def _finetune(weights: str, *extra: str) -> tuple[str, ...]:
+    return ("finetune", "--weights", weights, "--profile", DEMO, *_roots(), *extra)
+
+
+def _prepare(*extra: str) -> tuple[str, ...]:
+    return (
+        "data",
+        "prepare",
+        "glas",
+        "--profile",
+        "paper",
+        "finetune.glas.root={tmp}/coco",
+        *extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Workspace set-ups
+# --------------------------------------------------------------------------------------------------
+
+
+def _file(tmp: Path, _: Path) -> None:
+    (tmp / "file.txt").write_text("not a folder\n")
+
+
+def _small_set(tmp: Path, _: Path) -> None:
+    write_pretrain_set(tmp / "gen", 2, 8, 0)
+
+
+def _glas_copy(tmp: Path, raw: Path) -> Path:
+    target = tmp / "GlaS" / "Warwick QU Dataset (Released 2016_07_08)"
+    shutil.copytree(raw, target)
+    return target
+
+
+def _empty_annotation(tmp: Path, raw: Path) -> None:
+    target = _glas_copy(tmp, raw)
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(target / "testA_1_anno.bmp")
+
+
+def _truncated_image(tmp: Path, raw: Path) -> None:
+    target = _glas_copy(tmp, raw)
+    data = (target / "train_2.bmp").read_bytes()
+    (target / "train_2.bmp").write_bytes(data[: len(data) // 2])
+
+
+def _two_releases(tmp: Path, raw: Path) -> None:
+    shutil.copytree(raw, tmp / "GlaS" / "a")
+    shutil.copytree(raw, tmp / "GlaS" / "b")
+
+
+def _bad_yaml(tmp: Path, _: Path) -> None:
+    (tmp / "bad.yaml").write_text("pretrain: [unclosed\n")
+
+
+def _other_key_yaml(tmp: Path, _: Path) -> None:
+    (tmp / "mine.yaml").write_text("pretrain:\n  batchsize: 8\n")
+
+
+ONE_LINE = "a torchvision ResNet state_dict"  # the accepted-formats clause of weight errors
+
+CASES = [
+    # ---- pre-training batch and synthetic counts (issue 13 item 7)
+    Case("batch larger than the synthetic set", _pretrain("pretrain.batch_size=4096"),
+         ("pretrain.batch_size=4096 is larger than", "data.synthetic_images=1024",
+          "lower pretrain.batch_size to at most 1024")),
+    Case("batch larger than a real image folder",
+         _pretrain("data.root={img}", "data.synthetic=false", "data.list_file=null",
+                   "pretrain.batch_size=64", "pretrain.bn_batch_size=32"),
+         ("pretrain.batch_size=64 is larger than the 32 pre-training images",
+          "lower pretrain.batch_size to at most 32")),
+    Case("zero synthetic images", _pretrain("data.synthetic_images=0"),
+         ("data.synthetic_images must be >= 1 (got 0)",)),
+    Case("negative synthetic images", _pretrain("data.synthetic_images=-4"),
+         ("data.synthetic_images must be >= 1 (got -4)",)),
+    Case("generate zero images", ("data", "generate", "--root", "{tmp}/gen", "--num-images", "0"),
+         ("--num-images 0: the set needs at least 1 image",)),
+    Case("generate negative images",
+         ("data", "generate", "--root", "{tmp}/gen", "--num-images", "-3"),
+         ("--num-images -3",)),
+    Case("generate zero-pixel patches",
+         ("data", "generate", "--root", "{tmp}/gen", "--num-images", "2", "--size", "0"),
+         ("--size 0: patches must be at least 8 px",)),
+    Case("generate over another set",
+         ("data", "generate", "--root", "{tmp}/gen", "--num-images", "3", "--size", "8"),
+         ("holds a synthetic set made with num_images=2", "rm -rf", "choose another root"),
+         _small_set),
+    Case("synthetic GlaS without training images", _bench("finetune.glas.synthetic_train=0"),
+         ("finetune.glas.synthetic_train must be >= 1 (got 0)",)),
+    Case("fine-tuning batch larger than the synthetic GlaS", _bench("finetune.batch_size=32"),
+         ("finetune.batch_size=32 is larger than the 24 training images",
+          "lower finetune.batch_size to at most 24")),
+    # ---- output root and other folders the run writes
+    Case("output_root on a read-only file system", _pretrain("output_root=/sys/concl-bench"),
+         ("output_root /sys/concl-bench is not writable", "choose a writable output_root=")),
+    Case("output_root that cannot be created", _pretrain("output_root=/proc/no/such"),
+         ("output_root /proc/no/such is not writable", "choose a writable output_root=")),
+    Case("output_root under a file", _pretrain("output_root={tmp}/file.txt/out"),
+         ("lies under", "file.txt, which is a file", "choose a writable output_root="), _file),
+    Case("output_root is a file", _bench("output_root={tmp}/file.txt"),
+         ("output_root", "file.txt is a file, not a folder"), _file),
+    Case("synthetic data root not writable", _pretrain("data.root=/sys/concl-bench-data"),
+         ("data.root /sys/concl-bench-data is not writable", "choose a writable data.root=")),
+    Case("conversion root not writable", _bench("finetune.crag.root=/sys/concl-bench-crag"),
+         ("finetune.crag.root /sys/concl-bench-crag is not writable",)),
+    Case("report into a file", ("report", "--out", "{tmp}/file.txt/reports"),
+         ("--out", "file.txt, which is a file", "choose another --out folder"), _file),
+    Case("export next to a file", ("export", "{w}/good.pth", "{tmp}/file.txt/out.pkl"),
+         ("the target folder", "choose another target path"), _file),
+    # ---- weights files
+    Case("weights that do not exist", _finetune("{tmp}/absent.pth"),
+         ("absent.pth does not exist: give the path of", ONE_LINE)),
+    Case("weights that are a folder", _finetune("{w}/folder.pth"),
+         ("folder.pth is a folder, not a weights file", ONE_LINE)),
+    Case("weights that are not a checkpoint", _finetune("{w}/junk.pth"),
+         ("junk.pth: not a readable PyTorch file", ONE_LINE)),
+    Case("a training checkpoint as weights", _finetune("{w}/training.pth"),
+         ("training checkpoint rather than weights", ONE_LINE)),
+    Case("weights without layer4", _finetune("{w}/partial.pth"),
+         ("missing keys (layer4.0.conv1.weight", ONE_LINE)),
+    Case("detectron2 pickle with an object array", _finetune("{w}/objects.pkl"),
+         ("stem.conv1.weight is an array of object, not numbers",
+          "not a detectron2 or torchvision state dict of numeric arrays", ONE_LINE)),
+    Case("import of a pickle with an object array", ("import", "{w}/objects.pkl", "{tmp}/o.pth"),
+         ("is an array of object",)),
+    Case("export of a file that is not weights", ("export", "{w}/junk.pth", "{tmp}/out.pkl"),
+         ("not a readable PyTorch file",)),
+    # ---- options, shorthands and config keys
+    Case("EPOCHS=0", _pretrain("--epochs", "0"),
+         ("pretrain.epochs must be >= 1 (got 0; EPOCHS= / --epochs sets it)",)),
+    Case("negative EPOCHS", _pretrain("--epochs", "-2"), ("(got -2;",)),
+    Case("SEEDS=0", _bench("--seeds", "0"),
+         ("finetune.seeds must be >= 1 (got 0; SEEDS= / --seeds sets it)",)),
+    Case("SEEDS not a number", _bench("--seeds", "many"),
+         ("argument --seeds: invalid int value: 'many'", "--help` lists the options")),
+    Case("SEEDS empty", ("benchmark", "-m", "random", "--seeds"),
+         ("argument --seeds: expected one argument",)),
+    Case("GPUS=0", _pretrain("--gpus", "0"), ("--gpus / GPUS must be >= 1 (got 0)",)),
+    Case("unknown method", ("pretrain", "-m", "mocov9", "--profile", DEMO),
+         ("unknown method 'mocov9'; registered methods: byol",)),
+    Case("unknown command", ("pretrian",), ("invalid choice: 'pretrian'",)),
+    Case("unknown profile", ("pretrain", "-m", "mocov2", "--profile", "fast"),
+         ("unknown profile 'fast'; use one of: auto",)),
+    Case("misspelt key", _pretrain("pretrain.epoch=3"),
+         ("unknown config key 'pretrain.epoch'; did you mean 'pretrain.epochs'?",)),
+    Case("wrong type", _pretrain("pretrain.epochs=three"),
+         ("wrong type for config key 'pretrain.epochs'",)),
+    Case("a section given a value", _pretrain("pretrain=3"),
+         ("'pretrain' is a config section, not a value", "pretrain.epochs=...")),
+    Case("not key=value", _pretrain("epochs"), ("override 'epochs' is not of the form key=value",)),
+    Case("negative learning rate", _pretrain("optim.lr=-0.1"),
+         ("optim.lr must be > 0 (got -0.1)",)),
+    Case("unknown optimizer", _pretrain("optim.name=adam"),
+         ("optim.name 'adam' is not supported",)),
+    Case("BN groups that do not split the batch", _pretrain("pretrain.bn_batch_size=7"),
+         ("is not a multiple of pretrain.bn_batch_size=7",)),
+    Case("negative loader workers", _pretrain("data.num_workers=-1"),
+         ("data.num_workers must be >= 0 (got -1)",)),
+    Case("unknown dataset", _bench("finetune.datasets=[kumar]"),
+         ("finetune.datasets must name glas and/or crag",)),
+    Case("unknown probe", _bench("probe.probes=[svm]"), ("probe.probes must name knn",)),
+    Case("method.name disagreeing", _pretrain("method.name=byol"),
+         ("choose the method with METHOD=",)),
+    Case("config file that does not exist", _pretrain("--config", "{tmp}/absent.yaml"),
+         ("config file", "absent.yaml does not exist")),
+    Case("config file that is not YAML", _pretrain("--config", "{tmp}/bad.yaml"),
+         ("bad.yaml: not valid YAML",), _bad_yaml),
+    Case("config file with a misspelt key", _pretrain("--config", "{tmp}/mine.yaml"),
+         ("mine.yaml: unknown config key 'pretrain.batchsize'",), _other_key_yaml),
+    Case("UI port out of range", ("ui", "--port", "70000"), ("PORT=70000 is not a TCP port",)),
+    # ---- the data front door (issue 13 item 8)
+    Case("GlaS raw root that does not exist", _prepare("--raw-root", "{tmp}/absent"),
+         ("absent does not exist: install the dataset there or set finetune.glas.raw_root=",)),
+    Case("GlaS missing before any pre-training",
+         ("benchmark", "-m", "random", "--profile", "paper", "output_root={tmp}/out",
+          "finetune.glas.raw_root={tmp}/absent", "probe.probes=[]"),
+         ("glas data root", "absent does not exist", "--raw-root PATH")),
+    Case("two GlaS releases under the data root", _prepare("--raw-root", "{tmp}/GlaS"),
+         ("holds 2 glas folders", "keep one, or choose one with finetune.glas.raw_root="),
+         _two_releases),
+    Case("GlaS annotation without gland", _prepare("--raw-root", "{tmp}/GlaS"),
+         ("testA_1_anno.bmp: no gland instance (all pixels are 0)", "replace it"),
+         _empty_annotation),
+    Case("truncated GlaS image", _prepare("--raw-root", "{tmp}/GlaS"),
+         ("cannot read image", "train_2.bmp (", "replace it"), _truncated_image),
+    Case("check of a folder that does not exist", ("data", "check", "{tmp}/absent"),
+         ("absent does not exist: give glas, crag or the path of a prepared COCO folder",)),
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures and the test
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A store that already holds a finished run: a bad input must not add to it."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("concl-bench"))
+    client.log_metric(run.info.run_id, "loss", 1.0)
+    client.set_terminated(run.info.run_id)
+    return root, uri
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("weights")
+    state = resnet18(weights=None).state_dict()
+    torch.save(state, root / "good.pth")
+    torch.save({k: v for k, v in state.items() if "layer4" not in k}, root / "partial.pth")
+    torch.save({"model": state, "optimizer": {}, "epoch": 3}, root / "training.pth")
+    (root / "junk.pth").write_bytes(b"these are not weights\n" * 4)
+    (root / "folder.pth").mkdir()
+    model = to_detectron2(state) | {"stem.conv1.weight": np.array([1, "a", None])}
+    with open(root / "objects.pkl", "wb") as fh:
+        pickle.dump({"model": model}, fh)
+    return root
+
+
+@pytest.fixture(scope="module")
+def glas_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_glas_raw(tmp_path_factory.mktemp("raw") / "GlaS", 2, 1, 0, 96, 128, seed=0)
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[str, int, int] | str]:
+    """Every file (size, modification time, content digest) and folder under ``roots``."""
+    seen: dict[str, tuple[str, int, int] | str] = {}
+    for root in roots:
+        for path in sorted([root, *root.rglob("*")]):
+            if path.is_dir():
+                seen[str(path)] = "folder"
+            elif path.is_file():
+                st = path.stat()
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                seen[str(path)] = (digest, st.st_size, st.st_mtime_ns)
+    return seen
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_bad_input_is_one_line_and_touches_nothing(
+    case: Case,
+    tmp_path: Path,
+    store: tuple[Path, str],
+    weights: Path,
+    glas_raw: Path,
+    image_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    store_root, uri = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("PROFILE", raising=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("written before\n")
+    if case.setup is not None:
+        case.setup(tmp_path, glas_raw)
+    argv = [a.format(tmp=tmp_path, w=weights, img=image_folder) for a in case.argv]
+    watched = (tmp_path, store_root, weights, glas_raw, image_folder)
+    before = _snapshot(*watched)
+    datasets_before = sorted(p.name for p in (REPO / "datasets").iterdir())
+    capsys.readouterr()
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's exits
+        code = exc.code
+
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if not line.startswith("==> ")]
+    assert code == 2, err
+    assert out == ""
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    missing = [w for w in case.words if w not in errors[0]]
+    assert not missing, f"{missing} not in {errors[0]!r}"
+    assert _snapshot(*watched) == before
+    assert sorted(p.name for p in (REPO / "datasets").iterdir()) == datasets_before
