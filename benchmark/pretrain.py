@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from benchmark.config import check_layout, method_config, pretrain_hash, to_yaml
+from benchmark.config import ConfigError, check_layout, method_config, pretrain_hash, to_yaml
 from benchmark.core.contracts import BuildContext, StepContext, World
 from benchmark.core.registry import get_method
 from benchmark.data.pretrain import PretrainImageDataset
@@ -170,7 +170,7 @@ class Pretrainer:
         callbacks: Sequence[Callback] = (),
     ):
         if steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"an epoch has no full batch of {cfg.pretrain.batch_size} images: the dataset "
                 "is smaller than the global batch; lower pretrain.batch_size or add images"
             )
@@ -457,6 +457,12 @@ def _pretrain(
     _ensure_data(cfg, world)
     # The dataset first: a method that trains on labels is sized by its class folders.
     dataset = PretrainImageDataset(cfg.data.root, cfg.data.list_file)
+    if len(dataset) < cfg.pretrain.batch_size:
+        raise ConfigError(
+            f"pretrain.batch_size={cfg.pretrain.batch_size} is larger than the {len(dataset)} "
+            f"pre-training images in {cfg.data.root}: lower pretrain.batch_size to at most "
+            f"{len(dataset)} or add images"
+        )
     wants_labels = get_method(cfg.method.name).wants_labels
     method = build_method(cfg, world, len(dataset.classes) if wants_labels else None)
     dataset.transform = method.views()

@@ -205,8 +205,10 @@ def finetune(
         drop_last=True,
     )
     if len(loader) == 0:
-        raise ValueError(
-            f"{name}: {len(train_set)} training images are fewer than one batch of {local_batch}"
+        most = len(train_set) // world.world_size * world.world_size
+        raise ConfigError(
+            f"finetune.batch_size={f.batch_size} is larger than the {len(train_set)} {name} "
+            f"training images with glands: lower finetune.batch_size to at most {most}"
         )
     stream = _stream(loader, sampler, start)
 

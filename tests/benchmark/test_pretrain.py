@@ -262,3 +262,14 @@ def test_an_unwritable_output_root_is_one_line_and_marks_no_run(tiny, tmp_path: 
     assert "\n" not in message and f"cannot write into {blocker / 'runs'}" in message
     assert message.endswith(f"choose a writable output_root=… (it is {blocker / 'runs'})")
     assert runs("tags.run_kind = 'benchmark'") == [] and runs("tags.stage = 'pretrain'") == []
+
+
+def test_a_batch_larger_than_the_images_is_one_line(tiny, tmp_path: Path):
+    cfg = tiny(tmp_path, "pretrain.batch_size=64")
+    with pytest.raises(UserError) as exc:
+        run_pretrain(cfg, World())
+    assert str(exc.value) == (
+        f"pretrain.batch_size=64 is larger than the 32 pre-training images in {cfg.data.root}: "
+        "lower pretrain.batch_size to at most 32 or add images"
+    )
+    assert runs("tags.stage = 'pretrain'") == []  # before the child is opened

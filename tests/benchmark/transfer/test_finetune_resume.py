@@ -92,3 +92,15 @@ def test_an_unwritable_output_folder_stops_before_training(tmp_path: Path):
     with pytest.raises(UserError, match=r"cannot write into .*: choose a writable output_root="):
         finetune(tiny(tmp_path), "glas", 1, None, World(), out)
     assert not (tmp_path / "coco").exists()  # stopped before converting the data
+
+
+def test_a_batch_larger_than_the_training_images_is_one_line(tmp_path: Path):
+    cfg = tiny(tmp_path)
+    # as real data would be (the config check knows only the synthetic set's size)
+    cfg.finetune.batch_size = 8
+    with pytest.raises(UserError) as exc:
+        finetune(cfg, "glas", 1, None, World(), tmp_path / "out")
+    assert str(exc.value) == (
+        "finetune.batch_size=8 is larger than the 4 glas training images with glands: lower "
+        "finetune.batch_size to at most 4"
+    )
