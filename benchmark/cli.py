@@ -382,7 +382,7 @@ def _check_transfer_data(cfg: DictConfig, name: str) -> None:
     one fine-tuning batch; the folders its conversion (or synthetic set) goes to are
     writable."""
     from benchmark.config import ConfigError
-    from benchmark.data.coco import locate_release, train_image_count
+    from benchmark.data.coco import check_before_conversion, locate_release, train_image_count
 
     d = cfg.finetune[name]
     prefix = f"finetune.{name}"
@@ -395,6 +395,7 @@ def _check_transfer_data(cfg: DictConfig, name: str) -> None:
             check_writable(Path(d.root), f"{prefix}.root", f"a writable {prefix}.root=…")
         return
     found = locate_release(name, Path(d.raw_root), skip=Path(d.root))
+    check_before_conversion(name, found, Path(d.root))
     count = train_image_count(name, found)
     batch = cfg.finetune.batch_size
     if count is not None and batch > count:

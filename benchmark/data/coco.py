@@ -51,6 +51,7 @@ from benchmark.data.pretrain import IMAGE_EXTENSIONS, DatasetError
 __all__ = [
     "CONVERTER_VERSION",
     "CocoInstances",
+    "check_before_conversion",
     "check_dataset",
     "check_raw",
     "check_raw_crag",
@@ -293,6 +294,39 @@ def _fingerprint(pairs: list[_Pair]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _wanted(dataset: str, raw_root: Path, pairs: list[_Pair]) -> dict[str, Any]:
+    """The marker of a current conversion of ``pairs``."""
+    return {
+        "dataset": dataset,
+        "source": str(Path(raw_root).resolve()),
+        "fingerprint": _fingerprint(pairs),
+        "converter_version": CONVERTER_VERSION,
+    }
+
+
+def _problems_error(dataset: str, problems: list[str]) -> DatasetError:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return DatasetError(f"{problems[0]}{more}: fix the raw {dataset} folder, {_README}")
+
+
+def check_before_conversion(name: str, root: Path, out_root: Path) -> None:
+    """Raise the one-line DatasetError that converting the release at ``root`` (as found by
+    ``locate_release``) into ``out_root`` would, before any work: layout problems, files that
+    do not decode, size mismatches, annotations without gland. Nothing is decoded when
+    ``out_root`` already holds the current conversion, or ``root`` is a COCO folder."""
+    root = Path(root)
+    if _is_coco(root):
+        return
+    key = name.lower()
+    pairs, problems = (_glas_pairs if key == "glas" else _crag_pairs)(root)
+    if not problems:
+        if read_marker(Path(out_root)) == _wanted(key, root, pairs) and _is_coco(Path(out_root)):
+            return
+        problems = _check_pairs(pairs)
+    if problems:
+        raise _problems_error(key, problems)
+
+
 def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
     raw_root, out_root = Path(raw_root), Path(out_root)
     if not raw_root.is_dir():
@@ -303,14 +337,8 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
         )
     pairs, problems = scan(raw_root)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise DatasetError(f"{problems[0]}{more}: fix the raw {dataset} folder, {_README}")
-    wanted = {
-        "dataset": dataset,
-        "source": str(raw_root.resolve()),
-        "fingerprint": _fingerprint(pairs),
-        "converter_version": CONVERTER_VERSION,
-    }
+        raise _problems_error(dataset, problems)
+    wanted = _wanted(dataset, raw_root, pairs)
     stale = False
     if out_root.exists():
         found = read_marker(out_root)

@@ -90,6 +90,13 @@ def _prepare(*extra: str) -> tuple[str, ...]:
     )
 
 
+def _paper_bench(*extra: str) -> tuple[str, ...]:
+    method = () if "-m" in extra else ("-m", "random")
+    return ("benchmark", *method, "--profile", "paper", "output_root={tmp}/out",
+            "finetune.glas.raw_root={tmp}/GlaS", "finetune.glas.root={tmp}/coco",
+            "finetune.datasets=[glas]", "probe.probes=[]", *extra)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 # Workspace set-ups
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +114,10 @@ def _glas_copy(tmp: Path, raw: Path) -> Path:
     target = tmp / "GlaS" / "Warwick QU Dataset (Released 2016_07_08)"
     shutil.copytree(raw, target)
     return target
+
+
+def _glas_release(tmp: Path, raw: Path) -> None:
+    _glas_copy(tmp, raw)
 
 
 def _empty_annotation(tmp: Path, raw: Path) -> None:
@@ -259,6 +270,14 @@ CASES = [
          _empty_annotation),
     Case("truncated GlaS image", _prepare("--raw-root", "{tmp}/GlaS"),
          ("cannot read image", "train_2.bmp (", "replace it"), _truncated_image),
+    Case("GlaS annotation without gland, found before pre-training",
+         _paper_bench("-m", "mocov2", "data.root={img}", "data.synthetic=false",
+                      "data.list_file=null", "pretrain.batch_size=32", "pretrain.bn_batch_size=32"),
+         ("testA_1_anno.bmp: no gland instance (all pixels are 0)", "fix the raw glas folder"),
+         _empty_annotation),
+    Case("fine-tuning batch larger than a real GlaS", _paper_bench(),
+         ("finetune.batch_size=16 is larger than the 2 glas training images",
+          "lower finetune.batch_size to at most 2"), _glas_release),
     Case("check of a folder that does not exist", ("data", "check", "{tmp}/absent"),
          ("absent does not exist: give glas, crag or the path of a prepared COCO folder",)),
 ]  # fmt: skip

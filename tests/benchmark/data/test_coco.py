@@ -486,3 +486,21 @@ def test_dataset_errors_are_one_line(glas_coco: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as info:
         CocoInstances(root, "train", train=False)[0]
     assert "train_1.bmp" in _one_line(info)
+
+
+def test_check_before_conversion_raises_what_conversion_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmark.data import coco
+
+    raw = _tiny_glas(tmp_path / "raw", empty_test=True)
+    with pytest.raises(DatasetError) as info:
+        coco.check_before_conversion("glas", raw, tmp_path / "coco")
+    assert _one_line(info).startswith(f"{raw / 'testB_1_anno.bmp'}: no gland instance")
+    _tiny_glas(raw)  # the file replaced
+    coco.check_before_conversion("glas", raw, tmp_path / "coco")
+    out = convert_glas(raw, tmp_path / "coco")
+    monkeypatch.setattr(coco, "_check_pairs", lambda pairs: pytest.fail("decoded again"))
+    coco.check_before_conversion("glas", raw, out)  # current conversion: nothing decoded
+    coco.check_before_conversion("glas", out, tmp_path / "unused")  # a COCO folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "raw"]
