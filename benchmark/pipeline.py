@@ -3,7 +3,8 @@
 Every step reads only what the previous one wrote (``backbone.pth``, ``metrics.json``), so
 an interrupted benchmark run again continues where it stopped and a finished seed is
 never re-run. One MLflow parent per (method, config hash) holds the aggregates; children
-hold the pre-training, each probe and each fine-tuning run. The probes run before the
+hold the pre-training, each probe and each fine-tuning run. A re-run that finds everything
+done changes no run: no status, no metric step. The probes run before the
 detector because they take seconds to minutes and say first whether the backbone learnt.
 """
 
@@ -103,9 +104,9 @@ def run_benchmark(
         check_tissue_roots(cfg)  # before hours of pre-training, not after
     run = open_parent(cfg, label, parent_tags, world=world)
     tracker, parent = run
-    if external:
-        tracker.set_tags(parent, {"weights": str(weights)})
     with run_status(tracker, parent) as outcome:
+        if external:
+            tracker.set_tags(parent, {"weights": str(weights)})
         if not external and method_cls.pretrains:
             weights = run_pretrain(cfg, world, run).backbone_path
         if weights is not None:
@@ -133,6 +134,8 @@ def run_benchmark(
                 result = finetune(
                     cfg, name, seed, weights, world, out_dir, [logger], stop_after_iter
                 )
+                if result.already_done:  # scored, then stopped before MLflow heard of it
+                    tracker.log_metrics(child, result.metrics, step=final)
                 if not result.metrics:
                     seed_outcome.stopped()
                 return result.metrics
@@ -153,7 +156,7 @@ def run_benchmark(
             outcome.stopped()
             return {**aggregate(per_seed), **probes} if stopped else {}
         summary = {**aggregate(per_seed), **probes}
-        tracker.log_metrics(parent, summary, step=0)
+        tracker.log_summary(parent, summary)  # a re-run of a finished benchmark logs nothing
         shown = cfg.method.name if not external else f"{Path(weights).name}"
         epochs = cfg.pretrain.epochs if method_cls.pretrains and not external else "–"
         say("\n" + results_table(shown, epochs, summary))

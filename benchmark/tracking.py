@@ -6,20 +6,36 @@ an explicit run id, so no process-global "active run" leaks between stages or in
 children. Metrics are sent in batches (each sqlite round trip costs milliseconds). The
 training loops publish events; ``MlflowMetrics`` subscribes to them; ``run_status`` ends a run
 FINISHED, FAILED or KILLED.
+
+Promises kept under faults: a store that cannot work (read-only, missing, unknown scheme,
+unreachable server) stops with one ``TrackingError`` line before any work; the first start
+of a fresh sqlite store is serialised across processes by a lock file beside it; every run
+holds at most one entry per (metric, step), however often a stage is re-run or resumed; and
+no run is left RUNNING by a failure, nor turned from FINISHED back to RUNNING by a re-run
+that runs nothing.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from benchmark.config import (
@@ -32,6 +48,7 @@ from benchmark.config import (
     to_yaml,
 )
 from benchmark.core.contracts import World
+from benchmark.core.errors import UserError, one_line
 from benchmark.core.schema import (
     BACKBONE,
     BENCHMARK_KIND,
@@ -52,14 +69,199 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LENGTH = 6000
+#: How long a reachability check of a tracking server waits (MLflow's own client retries
+#: for minutes before it gives up on a server that is not there).
+SERVER_TIMEOUT_S = 5.0
+#: How long a process waits for another one setting up the same sqlite store.
+STORE_LOCK_TIMEOUT_S = 120.0
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_WHERE = "set MLFLOW_TRACKING_URI (or tracking.uri)"
+_ready: set[str] = set()  # stores checked usable by this process
+
+
+class TrackingError(UserError):
+    """The tracking store or its artifacts cannot be used; the message says what to do."""
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` wins, then the config, then the project's sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
 
 
 def tracking_uri(configured: str | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` wins, then the config, then the project's sqlite store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """The resolved store (``resolve_tracking_uri``), checked usable once per process and
+    set up (a sqlite store's folder made, its schema created under the store's lock), so
+    that every entry point fails in one line before any work rather than minutes into it."""
+    uri = resolve_tracking_uri(configured)
+    if uri not in _ready:
+        check_store(uri)
+        _ready.add(uri)
     return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for in-memory or other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_store(uri: str) -> None:
+    """Raise ``TrackingError`` unless MLflow can use ``uri``.
+
+    A sqlite store that cannot be written makes MLflow retry its engine ten times with
+    backoff (about 100 s) before a raw ``OperationalError``, and a server that is not there
+    makes its HTTP client retry for minutes; both are checked here in milliseconds. Any
+    other store (an unknown scheme, a plain folder) is opened once and MLflow's refusal
+    turned into one line.
+    """
+    scheme = urlparse(uri).scheme
+    db = _sqlite_path(uri)
+    if db is not None:
+        _check_sqlite_file(uri, db)
+    elif scheme in ("http", "https"):
+        _check_server(uri)
+    try:
+        with store_lock(uri):
+            MlflowClient(tracking_uri=uri)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow cannot use the tracking store {uri!r} ({_first_sentence(exc)}); "
+            f"{_WHERE} to a sqlite:///path/mlflow.db file or an http://host:port server"
+        ) from exc
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = one_line(exc)
+    return text.split(". ", 1)[0].rstrip(".")[:300]
+
+
+def _check_sqlite_file(uri: str, db: Path) -> None:
+    folder = db.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(
+            f"cannot create the folder {folder} of the tracking store {uri} "
+            f"({exc.strerror or exc}); {_WHERE} to a writable place, e.g. {DEFAULT_TRACKING_URI}"
+        ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(
+            f"the folder {folder} of the tracking store {uri} is read-only (sqlite writes its "
+            f"journal beside the database); make it writable or {_WHERE} elsewhere"
+        )
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise TrackingError(f"the tracking store {db} is not a file; {_WHERE} to a .db file")
+    if not os.access(db, os.R_OK | os.W_OK):
+        raise TrackingError(
+            f"the tracking store {db} is read-only; make it writable (chmod u+rw) or copy it "
+            f"and {_WHERE} to the copy"
+        )
+    with open(db, "rb") as fh:
+        header = fh.read(len(_SQLITE_HEADER))
+    if header and header != _SQLITE_HEADER:
+        raise TrackingError(
+            f"the tracking store {db} is not an SQLite database; move it aside or {_WHERE} "
+            "to another file"
+        )
+    try:  # what MLflow would retry for 100 s: a database sqlite cannot open or read
+        with sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=5) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.close()
+    except sqlite3.Error as exc:
+        raise TrackingError(
+            f"sqlite cannot open the tracking store {db} ({exc}); repair or move it aside, "
+            f"or {_WHERE} to another file"
+        ) from exc
+
+
+def _check_server(uri: str) -> None:
+    """One request with a short timeout: any HTTP answer (even 401 or 404) means a server
+    is there; a refused or silent connection is a server that is not."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"cannot reach the MLflow server at {uri} ({reason}); start it (`make ui` serves "
+            "the local store) or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from exc
+
+
+def store_lock(uri: str) -> AbstractContextManager[Any]:
+    """A lock across processes for first-time set-up of a sqlite store (its schema, the
+    experiment, find-or-create of runs): ``<db>.lock`` beside the database. Other stores
+    (a server, a database server) serialise themselves; they get a no-op."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return nullcontext()
+    lock = FileLock(f"{db}.lock", timeout=STORE_LOCK_TIMEOUT_S)
+
+    @contextmanager
+    def held() -> Iterator[None]:
+        try:
+            lock.acquire()
+        except LockTimeout as exc:
+            raise TrackingError(
+                f"another process has held {db}.lock for {STORE_LOCK_TIMEOUT_S:.0f} s while "
+                "setting up the tracking store; wait for it to finish and run again"
+            ) from exc
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the lock file {db}.lock ({exc.strerror or exc}); make "
+                f"{db.parent} writable or {_WHERE} elsewhere"
+            ) from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    return held()
+
+
+@contextmanager
+def store_errors(what: str, where: str | Callable[[], str]) -> Iterator[None]:
+    """Turn a full disk or a read-only place while ``what`` is written to ``where`` (or
+    what ``where()`` names, asked only on a failure) into one ``TrackingError`` line; what
+    was written before stays."""
+    try:
+        yield
+    except (OSError, MlflowException) as exc:
+        place = where() if callable(where) else where
+        _raise_store_error(exc, what, place)
+        raise
+
+
+def _raise_store_error(exc: BaseException, what: str, where: str) -> None:
+    """Raise the ``TrackingError`` ``exc`` means, if it is one this module knows."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            raise TrackingError(
+                f"disk full while writing {what} to {where}; free space there and run the "
+                "same command again (finished work is kept)"
+            ) from exc
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise TrackingError(
+                f"cannot write {what} to {where} ({exc.strerror}); make it writable or set "
+                "tracking.artifact_root elsewhere, then run the same command again"
+            ) from exc
+    else:
+        text = str(exc)
+        if "database or disk is full" in text:
+            raise TrackingError(
+                f"disk full while writing {what} to the tracking store {where}; free space "
+                "there and run the same command again (finished work is kept)"
+            ) from exc
+        if "readonly database" in text:
+            raise TrackingError(
+                f"the tracking store {where} became read-only while writing {what}; make it "
+                "writable and run the same command again"
+            ) from exc
 
 
 def artifact_root_for(uri: str, configured: str | None) -> str | None:
@@ -97,22 +299,67 @@ def _default_child_name(stage: str, tags: Mapping[str, Any]) -> str:
 
 
 class Tracker:
-    """Find-or-create runs by tags so that re-running a command continues, never duplicates."""
+    """Find-or-create runs by tags so that re-running a command continues, never duplicates.
+
+    It also remembers, for this process, which runs it started (so that ``run_status`` ends
+    only those) and every (metric, step) each run holds (so that a resumed stage never logs
+    a step twice).
+    """
 
     def __init__(self, experiment: str, uri: str | None = None, artifact_root: str | None = None):
         self.uri = tracking_uri(uri)
         artifact_root = artifact_root_for(self.uri, artifact_root)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = None
-            if artifact_root and "://" not in artifact_root:
-                location = Path(artifact_root).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location or artifact_root
+        self._open: dict[str, str | None] = {}  # runs started here, not ended → their parent
+        self._parents: dict[str, str | None] = {}  # child → parent, as found or made here
+        self._benchmarks: set[str] = set()  # parents: RUNNING only once a child starts
+        self._logged: dict[str, dict[str, dict[int, float]]] = {}  # run → key → step → value
+        with store_lock(self.uri):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
+        self._check_artifacts(experiment)
+
+    def _experiment(self, name: str, artifact_root: str | None) -> str:
+        """Get or create ``name``; a process that loses the race to create it reads the
+        winner's (a server store has no lock file to serialise the two)."""
+        location = None
+        if artifact_root and "://" not in artifact_root:
+            location = Path(artifact_root).resolve().as_uri()
+        for _ in range(3):
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"the MLflow experiment {name!r} in {self.uri} is deleted; restore it "
+                        f"(`mlflow experiments restore --experiment-id {found.experiment_id}`)"
+                        " or set tracking.experiment to another name"
+                    )
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(
+                    name, artifact_location=location or artifact_root
+                )
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        raise TrackingError(f"could not create the MLflow experiment {name!r} in {self.uri}")
+
+    def _check_artifacts(self, name: str) -> None:
+        """A local artifact folder must be writable (or creatable) before any work."""
+        location = self.client.get_experiment(self.experiment_id).artifact_location or ""
+        parsed = urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            return
+        folder = Path(parsed.path if parsed.scheme else location)
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise TrackingError(
+                f"the artifact folder {folder} of MLflow experiment {name!r} cannot be written "
+                "(read-only or not a folder); make it writable, or set tracking.experiment to "
+                "a new name with tracking.artifact_root on a writable place"
             )
+
+    def _lock(self) -> AbstractContextManager[Any]:
+        return store_lock(self.uri)
 
     def _find(self, filter_string: str) -> str | None:
         runs = self.client.search_runs(
@@ -122,6 +369,12 @@ class Tracker:
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
+
+    def _created(self, run_id: str, parent_id: str | None) -> str:
+        """A run made here: MLflow makes it RUNNING, so it is ours to end; no metrics yet."""
+        self._open[run_id] = parent_id
+        self._logged[run_id] = {}
+        return run_id
 
     def parent_run(
         self,
@@ -134,21 +387,26 @@ class Tracker:
         """The benchmark run of ``method`` at ``config_hash``, created on first use.
 
         ``created_tags`` are set only when the run is made here (e.g. the Optuna trial that
-        asked for it, or ``mlflow.parentRunId`` to nest it under that trial).
+        asked for it, or ``mlflow.parentRunId`` to nest it under that trial). A parent found
+        here is set RUNNING only when one of its children starts (``start``).
         """
-        run_id = self._find(benchmark_filter(method, config_hash))
-        if run_id is None:
-            all_tags = {
-                RUN_KIND_TAG: BENCHMARK_KIND,
-                METHOD_TAG: method,
-                CONFIG_HASH_TAG: config_hash,
-            }
-            all_tags.update(tags)
-            all_tags.update(created_tags or {})
-            run = self.client.create_run(
-                self.experiment_id, tags=all_tags, run_name=run_name or f"{method}-{config_hash}"
-            )
-            run_id = run.info.run_id
+        with self._lock():  # two processes starting one benchmark make one parent
+            run_id = self._find(benchmark_filter(method, config_hash))
+            if run_id is None:
+                all_tags = {
+                    RUN_KIND_TAG: BENCHMARK_KIND,
+                    METHOD_TAG: method,
+                    CONFIG_HASH_TAG: config_hash,
+                }
+                all_tags.update(tags)
+                all_tags.update(created_tags or {})
+                run = self.client.create_run(
+                    self.experiment_id,
+                    tags=all_tags,
+                    run_name=run_name or f"{method}-{config_hash}",
+                )
+                run_id = self._created(run.info.run_id, None)
+        self._benchmarks.add(run_id)
         return run_id
 
     def child_run(
@@ -159,46 +417,150 @@ class Tracker:
         The default name is the stage and the tag values (``finetune glas seed 3`` reads
         better in the UI's run list than ids).
         """
-        run_id = self._find(child_filter(parent_id, stage, tags))
-        if run_id is not None:
-            return run_id, False
-        all_tags = {PARENT_RUN_ID_TAG: parent_id, STAGE_TAG: stage, RUN_KIND_TAG: stage}
-        all_tags.update({k: str(v) for k, v in tags.items()})
-        run = self.client.create_run(
-            self.experiment_id, tags=all_tags, run_name=run_name or _default_child_name(stage, tags)
-        )
-        return run.info.run_id, True
+        with self._lock():
+            run_id = self._find(child_filter(parent_id, stage, tags))
+            created = run_id is None
+            if created:
+                all_tags = {PARENT_RUN_ID_TAG: parent_id, STAGE_TAG: stage, RUN_KIND_TAG: stage}
+                all_tags.update({k: str(v) for k, v in tags.items()})
+                run = self.client.create_run(
+                    self.experiment_id,
+                    tags=all_tags,
+                    run_name=run_name or _default_child_name(stage, tags),
+                )
+                run_id = self._created(run.info.run_id, parent_id)
+        self._parents[run_id] = parent_id
+        return run_id, created
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
+    def start(self, run_id: str | None) -> None:
+        """Mark ``run_id`` RUNNING (once) and its parent with it: a parent turns RUNNING only
+        when something under it actually runs."""
+        if run_id is None:
+            return
+        if run_id not in self._open:
+            self.client.update_run(run_id, status="RUNNING")
+            self._open[run_id] = self._parents.get(run_id)
+        parent = self._parents.get(run_id)
+        if parent is not None:
+            self.start(parent)
+
+    def begin(self, run_id: str | None) -> None:
+        """``start`` a stage's run (``run_status``); a benchmark parent instead waits for its
+        first child, so a re-run that runs nothing leaves its status and end time alone."""
+        if run_id is not None and run_id not in self._benchmarks:
+            self.start(run_id)
+
     def set_running(self, run_id: str) -> None:
-        self.client.update_run(run_id, status="RUNNING")
+        """``start``, for callers that manage a run's status themselves (tune)."""
+        self.start(run_id)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        self._open.pop(run_id, None)
+
+    def close(self, run_id: str | None, status: str) -> None:
+        """End ``run_id`` as ``status`` if it was started here, and any child started here
+        and left open (e.g. by a failure between opening and running it): KILLED when the
+        run was, else FAILED. A run not started here (a re-run found nothing to do) keeps
+        its status, except that a run whose work completed now ends FINISHED."""
+        if run_id is None:
+            return
+        for child in [c for c, p in self._open.items() if p == run_id]:
+            self.close(child, "KILLED" if status == "KILLED" else "FAILED")
+        if run_id in self._open or (status == "FINISHED" and self.status(run_id) != "FINISHED"):
+            self.finish(run_id, status)
+
+    @contextmanager
+    def failing(self, run_id: str | None) -> Iterator[None]:
+        """Set-up of a run made or started here: on an error it ends FAILED (KILLED on
+        Ctrl-C) rather than staying RUNNING."""
+        try:
+            yield
+        except BaseException as exc:
+            if run_id is not None and run_id in self._open:
+                self.close(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+        with store_errors("params", self.uri):
+            for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def _history(self, run_id: str) -> dict[str, dict[int, float]]:
+        """Every (key, step) ``run_id`` holds, read from the store once per process."""
+        if run_id not in self._logged:
+            keys = self.client.get_run(run_id).data.metrics
+            self._logged[run_id] = {
+                key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+                for key in keys
+            }
+        return self._logged[run_id]
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``, leaving out every key the run already holds at that
+        step: a resumed epoch or logging window, or a re-read result, is never a second
+        entry (the first one stays)."""
+        seen = self._history(run_id)
+        fresh = {k: float(v) for k, v in metrics.items() if step not in seen.get(k, {})}
+        if not fresh:
+            return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=batch)
+        batch = [Metric(k, v, now, step) for k, v in fresh.items()]
+        with store_errors("metrics", self.uri):
+            self.client.log_batch(run_id, metrics=batch)
+        for k, v in fresh.items():
+            seen.setdefault(k, {})[step] = v
+
+    def log_summary(self, run_id: str, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Log aggregates only where they changed: the first values at step 0, a change at
+        the next step (one entry per step, the newest the run's value). Returns what was
+        logged (nothing when a finished benchmark is re-run)."""
+        seen = self._history(run_id)
+        changed = {
+            k: float(v) for k, v in metrics.items() if not _same(_latest(seen.get(k)), float(v))
+        }
+        if not changed:
+            return {}
+        steps = [max(seen[k]) for k in metrics if seen.get(k)]
+        self.log_metrics(run_id, changed, max(steps) + 1 if steps else 0)
+        return changed
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with store_errors("tags", self.uri):
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def _artifact_place(self, run_id: str) -> str:
+        try:
+            return self.client.get_run(run_id).info.artifact_uri
+        except MlflowException:
+            return "the artifact store"
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        place = lambda: self._artifact_place(run_id)  # noqa: E731 (read only on a failure)
+        with store_errors(f"artifact {Path(path).name}", place):
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        place = lambda: self._artifact_place(run_id)  # noqa: E731
+        with store_errors(f"artifact {artifact_file}", place):
+            self.client.log_text(run_id, text, artifact_file)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+
+def _latest(steps: Mapping[int, float] | None) -> float | None:
+    return steps[max(steps)] if steps else None
+
+
+def _same(old: float | None, new: float) -> bool:
+    if old is None:
+        return False
+    return old == new or (math.isnan(old) and math.isnan(new))
 
 
 def parent_run_name(label: str, epochs: Any, profile: str, external: bool = False) -> str:
@@ -252,7 +614,8 @@ def open_parent(
     created_tags: Mapping[str, str] | None = None,
     world: World | None = None,
 ) -> ParentRun:
-    """The tracker and the parent run of ``cfg`` (a resolved experiment config).
+    """The tracker and the parent run of ``cfg`` (a resolved experiment config). A parent
+    found here keeps its status until a child starts (``Tracker.start``).
 
     The parent is keyed by (``label`` or the method, hash of the whole config), so the
     pre-training child and every fine-tuning child of one benchmark hang under one run.
@@ -280,10 +643,10 @@ def open_parent(
             **(created_tags or {}),
         },
     )
-    if "config.yaml" not in {a.path for a in tracker.client.list_artifacts(parent)}:
-        tracker.log_text(parent, to_yaml(cfg), "config.yaml")
-        tracker.log_params(parent, compare_params(cfg))
-    tracker.set_running(parent)
+    with tracker.failing(parent):  # a new parent is RUNNING: it must not stay so
+        if "config.yaml" not in {a.path for a in tracker.client.list_artifacts(parent)}:
+            tracker.log_params(parent, compare_params(cfg))
+            tracker.log_text(parent, to_yaml(cfg), "config.yaml")  # last: marks it complete
     return ParentRun(tracker, parent)
 
 
@@ -311,6 +674,7 @@ class NullTracker(Tracker):
 
     def __init__(self) -> None:  # no client, no store
         self.uri, self.experiment_id = "", ""
+        self._open, self._parents, self._benchmarks, self._logged = {}, {}, set(), {}
 
     def parent_run(self, *args: Any, **kwargs: Any) -> str | None:  # type: ignore[override]
         return None
@@ -321,10 +685,19 @@ class NullTracker(Tracker):
     def status(self, run_id: str | None) -> str:
         return ""
 
+    def start(self, run_id: str | None) -> None:
+        pass
+
+    def begin(self, run_id: str | None) -> None:
+        pass
+
     def set_running(self, run_id: str | None) -> None:
         pass
 
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
+        pass
+
+    def close(self, run_id: str | None, status: str) -> None:
         pass
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
@@ -332,6 +705,9 @@ class NullTracker(Tracker):
 
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
         pass
+
+    def log_summary(self, run_id: str | None, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {}
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         pass
@@ -361,23 +737,28 @@ class RunOutcome:
 
 @contextmanager
 def run_status(tracker: Tracker, run_id: str | None) -> Iterator[RunOutcome]:
-    """End ``run_id`` FINISHED (or as the body set it), KILLED on Ctrl-C, FAILED on an error."""
+    """Run the body as ``run_id``'s work: RUNNING from here (a benchmark parent only once a
+    child starts, so a re-run that finds everything done leaves it as it was), then
+    FINISHED (or as the body set it), KILLED on Ctrl-C, FAILED on an error; children left
+    open under it end with it (``Tracker.close``)."""
     outcome = RunOutcome()
     status = "FAILED"
     try:
+        tracker.begin(run_id)
         yield outcome
         status = outcome.status
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        if run_id is not None:
-            tracker.finish(run_id, status)
+        tracker.close(run_id, status)
 
 
 class MlflowMetrics(Callback):
     """Sends a training loop's metrics to one run: per epoch (pre-training) or per logging
-    window (fine-tuning, keys prefixed ``train_``), and the final metrics at ``final_step``."""
+    window (fine-tuning, keys prefixed ``train_``), and the final metrics at ``final_step``.
+    A resumed loop repeats the epochs or windows after its last checkpoint; the tracker
+    reads the run's history once and drops every step it already holds."""
 
     def __init__(
         self,
@@ -409,7 +790,9 @@ def open_pretrain_run(
     tracker: Tracker, parent_id: str | None, cfg: Any, world: World, start_epoch: int
 ) -> str | None:
     """The pre-training child of ``parent_id`` (made with the config's params on first use),
-    marked running and tagged with the epoch it resumes from."""
+    tagged with the epoch it resumes from. A found child keeps its status until its
+    ``run_status`` starts it; a made one is RUNNING and, if the caller fails before that,
+    ends FAILED with its parent's ``run_status``."""
     digest = pretrain_hash(cfg)
     child, created = tracker.child_run(
         parent_id,
@@ -430,10 +813,9 @@ def open_pretrain_run(
                 "pretrain_hash": digest,
             }
         )
-        tracker.log_params(child, params)
-        tracker.log_text(child, to_yaml(cfg), "config.yaml")
-    else:
-        tracker.set_running(child)
+        with tracker.failing(child):
+            tracker.log_params(child, params)
+            tracker.log_text(child, to_yaml(cfg), "config.yaml")
     tracker.set_tags(
         child, {"resumed_from_epoch": start_epoch, "last_world_size": world.world_size}
     )
@@ -450,8 +832,8 @@ def open_finetune_run(
     scored: bool,
 ) -> tuple[str | None, bool]:
     """The (dataset, seed) fine-tuning child of ``parent_id``; ``True`` when it had already
-    FINISHED and its metrics are on disk (``scored``): nothing to do. Otherwise it is marked
-    running (with its params on first use)."""
+    FINISHED and its metrics are on disk (``scored``): nothing to do. Otherwise the caller
+    runs it under ``run_status`` (its params are logged on first use)."""
     section = to_container(cfg)["finetune"]
     params = flatten({k: v for k, v in section.items() if k not in DATASET_TITLES})
     params.update(flatten(section[name], f"{name}."))
@@ -469,13 +851,14 @@ def _open_scored_child(
     scored: bool,
 ) -> tuple[str | None, bool]:
     """The ``stage`` child with ``tags``: ``True`` when it had FINISHED and its result is on
-    disk (``scored``); otherwise marked running, with ``params`` logged on first use."""
+    disk (``scored``); otherwise the caller runs it under ``run_status`` (``params`` are
+    logged on first use)."""
     child, created = tracker.child_run(parent_id, stage, tags)
     if created:
-        tracker.log_params(child, params)
+        with tracker.failing(child):
+            tracker.log_params(child, params)
     elif scored and tracker.status(child) == "FINISHED":
         return child, True
-    tracker.set_running(child)
     return child, False
 
 

@@ -165,6 +165,11 @@ def run_probes(
                 per_seed[(ds, probe)].append(json.loads((where / METRICS_FILE).read_text()))
                 continue
             with run_status(tracker, child):
+                if scored:  # stopped after its metrics.json, before its run ended
+                    metrics = json.loads((where / METRICS_FILE).read_text())
+                    tracker.log_metrics(child, metrics, step=0)
+                    per_seed[(ds, probe)].append(metrics)
+                    continue
                 start = time.perf_counter()
                 if ds == "tissue":
                     metrics, per_image = _tissue(cfg, features.get("tissue", seed), probe, seed)

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.tracking import DEFAULT_TRACKING_URI, PARENT_RUN_ID_TAG, Tracker, tracking_uri
+from benchmark.tracking import (
+    DEFAULT_TRACKING_URI,
+    PARENT_RUN_ID_TAG,
+    MlflowMetrics,
+    Tracker,
+    resolve_tracking_uri,
+    run_status,
+    tracking_uri,
+)
 
 
 def test_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -12,9 +20,9 @@ def test_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.chdir(tmp_path)
     assert tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlruns/mlflow.db"
     assert (tmp_path / "mlruns").is_dir()  # sqlite needs the folder to exist
-    assert tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
+    assert resolve_tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking_uri("sqlite:///other.db") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///other.db") == "http://127.0.0.1:5000"
 
 
 @pytest.fixture
@@ -87,3 +95,148 @@ def test_default_artifacts_follow_a_sqlite_store_elsewhere(
     tracker = Tracker("concl-bench", uri, DEFAULT_ARTIFACT_ROOT)
     location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
     assert location == (tmp_path / "store" / "artifacts").as_uri()
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One store for the tests below (a fresh one costs seconds of migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def shared(module_store: str, monkeypatch: pytest.MonkeyPatch, request) -> Tracker:
+    """A tracker on ``module_store`` in an experiment of this test's own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", module_store)
+    return Tracker(request.node.name, module_store)
+
+
+def _reopened(tracker: Tracker) -> Tracker:
+    """A second process on the same store: nothing remembered but what the store holds."""
+    return Tracker(tracker.client.get_experiment(tracker.experiment_id).name, tracker.uri)
+
+
+def _steps(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted(tracker.metric_history(run_id, key))
+
+
+def test_a_resumed_run_logs_each_step_once(shared: Tracker):
+    """Pre-training epochs, fine-tuning windows and final metrics, probe metrics: a run
+    reopened (another process) and logged again from its last checkpoint keeps one entry
+    per (key, step), the first one."""
+    parent = shared.parent_run("mocov2", "abc", {})
+    pre, _ = shared.child_run(parent, "pretrain", {})
+    ft, _ = shared.child_run(parent, "finetune", {"dataset": "glas", "seed": 1})
+    probe, _ = shared.child_run(parent, "probe", {"probe": "knn"})
+    epochs = MlflowMetrics(shared, pre, per_epoch=True)
+    for epoch, loss in ((1, 5.0), (2, 4.0)):  # epoch 2 logged, then killed before its ckpt
+        epochs.on_epoch_end({"loss": loss, "lr": 0.1}, epoch)
+    windows = MlflowMetrics(shared, ft, per_epoch=False, prefix="train_", final_step=6)
+    for step, loss in ((2, 3.0), (4, 2.5)):  # window 4 logged, checkpoint only at 2
+        windows.on_log({"loss": loss}, step)
+    shared.log_metrics(probe, {"dice": 40.0}, step=0)
+
+    again = _reopened(shared)
+    epochs = MlflowMetrics(again, pre, per_epoch=True)
+    for epoch, loss in ((2, 4.5), (3, 3.5)):  # resumed from the epoch-1 checkpoint
+        epochs.on_epoch_end({"loss": loss, "lr": 0.1}, epoch)
+    windows = MlflowMetrics(again, ft, per_epoch=False, prefix="train_", final_step=6)
+    for step, loss in ((4, 2.7), (6, 2.0)):  # resumed from the iteration-2 checkpoint
+        windows.on_log({"loss": loss}, step)
+    windows.on_done({"bbox_AP": 12.5})
+    windows.on_done({"bbox_AP": 12.5})  # a scored seed read back and logged again
+    again.log_metrics(probe, {"dice": 41.0, "iou": 30.0}, step=0)
+
+    assert _steps(again, pre, "loss") == [(1, 5.0), (2, 4.0), (3, 3.5)]
+    assert _steps(again, pre, "lr") == [(1, 0.1), (2, 0.1), (3, 0.1)]
+    assert _steps(again, ft, "train_loss") == [(2, 3.0), (4, 2.5), (6, 2.0)]
+    assert _steps(again, ft, "bbox_AP") == [(6, 12.5)]
+    assert _steps(again, probe, "dice") == [(0, 40.0)]
+    assert _steps(again, probe, "iou") == [(0, 30.0)]  # a new key at an old step is logged
+
+
+def test_aggregates_are_logged_only_when_they_change(shared: Tracker):
+    parent = shared.parent_run("mocov2", "abc", {})
+    summary = {"glas_bbox_AP_mean": 50.0, "glas_bbox_AP_std": 2.0, "glas_seeds": 3.0}
+    assert shared.log_summary(parent, summary) == summary
+    assert shared.log_summary(parent, summary) == {}
+    again = _reopened(shared)
+    assert again.log_summary(parent, summary) == {}  # a re-run of the finished benchmark
+    changed = {**summary, "glas_bbox_AP_mean": 51.0}  # a seed re-scored
+    assert again.log_summary(parent, changed) == {"glas_bbox_AP_mean": 51.0}
+    assert _steps(again, parent, "glas_bbox_AP_mean") == [(0, 50.0), (1, 51.0)]
+    assert _steps(again, parent, "glas_seeds") == [(0, 3.0)]
+    assert again.client.get_run(parent).data.metrics["glas_bbox_AP_mean"] == 51.0
+
+
+def _finished_benchmark(tracker: Tracker) -> tuple[str, str, int]:
+    parent = tracker.parent_run("mocov2", "abc", {})
+    with run_status(tracker, parent):
+        child, _ = tracker.child_run(parent, "finetune", {"seed": 1})
+        with run_status(tracker, child):
+            pass
+    return parent, child, tracker.client.get_run(parent).info.end_time
+
+
+def test_a_rerun_that_runs_nothing_leaves_finished_runs_alone(shared: Tracker):
+    parent, child, ended = _finished_benchmark(shared)
+    assert (shared.status(parent), shared.status(child)) == ("FINISHED", "FINISHED")
+    again = _reopened(shared)
+    found = again.parent_run("mocov2", "abc", {})
+    with run_status(again, found):  # every child already done
+        assert again.status(found) == "FINISHED"
+        assert again.child_run(found, "finetune", {"seed": 1}) == (child, False)
+    with pytest.raises(PermissionError), run_status(again, found):  # fails before any work
+        raise PermissionError("output_root is not writable")
+    run = again.client.get_run(found)
+    assert (run.info.status, run.info.end_time, again.status(child)) == (
+        "FINISHED",
+        ended,
+        "FINISHED",
+    )
+
+
+def test_a_parent_runs_when_a_child_starts_and_ends_with_it(shared: Tracker):
+    parent, _, ended = _finished_benchmark(shared)
+    again = _reopened(shared)
+    with pytest.raises(RuntimeError), run_status(again, parent):
+        seed2, created = again.child_run(parent, "finetune", {"seed": 2})
+        with run_status(again, seed2):
+            assert (again.status(seed2), again.status(parent)) == ("RUNNING", "RUNNING")
+            raise RuntimeError("diverged")
+    assert (again.status(seed2), again.status(parent)) == ("FAILED", "FAILED")
+    with run_status(again, parent), run_status(again, seed2):  # run again: it completes
+        pass
+    run = again.client.get_run(parent)
+    assert (run.info.status, again.status(seed2)) == ("FINISHED", "FINISHED")
+    assert run.info.end_time >= ended
+
+
+def test_a_child_made_but_never_run_ends_with_its_parent(shared: Tracker):
+    """A failure between opening a child and running it (a folder that cannot be made)."""
+    parent = shared.parent_run("mocov2", "abc", {})
+    with pytest.raises(OSError), run_status(shared, parent):
+        child, created = shared.child_run(parent, "pretrain", {})
+        assert created and shared.status(child) == "RUNNING"  # MLflow makes runs RUNNING
+        raise OSError("read-only file system")
+    assert (shared.status(parent), shared.status(child)) == ("FAILED", "FAILED")
+
+
+def test_failing_set_up_ends_a_new_run(shared: Tracker):
+    parent = shared.parent_run("mocov2", "abc", {})
+    with pytest.raises(KeyboardInterrupt), shared.failing(parent):
+        raise KeyboardInterrupt
+    assert shared.status(parent) == "KILLED"
+    again = _reopened(shared)
+    found = again.parent_run("mocov2", "abc", {})
+    with pytest.raises(ValueError), again.failing(found):  # not started here: left alone
+        raise ValueError
+    assert again.status(found) == "KILLED"
+
+
+def test_a_killed_run_completed_by_a_rerun_ends_finished(shared: Tracker):
+    """kill -9 leaves a parent RUNNING; a re-run that finds all its work done closes it."""
+    parent = shared.parent_run("mocov2", "abc", {})
+    again = _reopened(shared)
+    with run_status(again, again.parent_run("mocov2", "abc", {})):
+        pass
+    assert again.status(parent) == "FINISHED"
