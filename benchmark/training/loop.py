@@ -27,6 +27,9 @@ from benchmark.training.checkpoints import CheckpointManager
 
 #: One training step's forward: (batch, step) -> {"loss": total, <term>: value, ...}.
 Forward = Callable[[Any, int], Mapping[str, Tensor]]
+#: The key under which a checkpoint carries the open logging window (its loss sums, averaged
+#: over processes, and its step count), so a resumed run logs what an uninterrupted one did.
+WINDOW_KEY = "loop_window"
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -133,15 +136,25 @@ class TrainingLoop:
         checkpoint_every: int | None = None,
         state: Callable[[int], dict[str, Any]] | None = None,
         extra_metrics: Callable[[float], dict[str, float]] | None = None,
+        resume_window: Mapping[str, Any] | None = None,
+        close_at_stop: bool = True,
     ) -> dict[str, float]:
         """Train ``steps`` (global, 0-based), one batch each, and return the last window's
         metrics. A window ends every ``window`` steps counted from step 0 (None: at the end of
         ``steps`` only) and at the end of ``steps``; there the sums become means over the
         window and over processes, are checked for finiteness and sent to ``on_log``.
-        ``checkpoint_every`` saves ``state(done)`` every that many steps and at the end."""
+        ``checkpoint_every`` saves ``state(done)`` every that many steps and at the end, with
+        the open window under ``WINDOW_KEY``; pass that back as ``resume_window`` to continue
+        it, so the window that spans a resume logs the mean an uninterrupted run logs.
+        ``close_at_stop=False`` leaves a window open at the end of ``steps`` (a stage stopped
+        before its last step, as an interruption would, logs no partial window)."""
         device = self.world.device
         sums: dict[str, Tensor] = {}
         count = 0
+        if resume_window:
+            sums = {k: v.to(device) for k, v in resume_window["sums"].items()}
+            count = int(resume_window["count"])
+        fresh = 0  # steps of the open window run by this call (for the throughput)
         lr = 0.0
         metrics: dict[str, float] = {}
         tic = time.perf_counter()
@@ -153,7 +166,7 @@ class TrainingLoop:
             means = self.reduce_means(sums, count)
             self._check_finite(means.get("loss", 0.0), step)
             means["lr"] = lr
-            means["images_per_sec"] = count * self.global_batch / max(elapsed, 1e-9)
+            means["images_per_sec"] = fresh * self.global_batch / max(elapsed, 1e-9)
             if extra_metrics is not None:
                 means.update(extra_metrics(elapsed))
             self.events.on_log(means, step + 1)
@@ -180,23 +193,40 @@ class TrainingLoop:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
             count += 1
+            fresh += 1
             done = step + 1
             synced = None
             if count % self.log_every == 0:
                 synced = float(loss.detach())
                 self._check_finite(synced, step)
             self.events.on_step_end(step, synced, lr)
-            if done == steps.stop or (window is not None and done % window == 0):
+            at_stop = done == steps.stop and close_at_stop
+            if at_stop or (window is not None and done % window == 0):
                 metrics = close_window(step)
-                sums, count, tic = {}, 0, time.perf_counter()
+                sums, count, fresh, tic = {}, 0, 0, time.perf_counter()
             due = checkpoint_every is not None and (
                 done % checkpoint_every == 0 or done == steps.stop
             )
             if due and state is not None:
-                self.save_checkpoint(done, state(done))
-        if count:  # the batches ran out before ``steps`` did
-            metrics = close_window(step)
+                window_state = self.window_state(sums, count)
+                self.save_checkpoint(done, {**state(done), WINDOW_KEY: window_state})
+        if count and fresh and (close_at_stop or step + 1 < steps.stop):
+            metrics = close_window(step)  # the batches ran out before ``steps`` did
         return metrics
+
+    def window_state(self, sums: Mapping[str, Tensor], count: int) -> dict[str, Any]:
+        """The open window as a checkpoint holds it: sums averaged over processes (a
+        collective: every rank calls it), on the CPU. Resumed on every rank, they give the
+        same window mean as each rank's own sums would have (the mean is linear)."""
+        keys = sorted(sums)
+        if not keys:
+            return {"sums": {}, "count": count}
+        stacked = torch.stack([sums[k].detach().float() for k in keys])
+        if self.world.is_distributed:
+            stacked = stacked.clone()
+            dist.all_reduce(stacked)
+            stacked /= self.world.world_size
+        return {"sums": dict(zip(keys, stacked.cpu().unbind(), strict=True)), "count": count}
 
     def reduce_means(self, sums: Mapping[str, Tensor], steps: int) -> dict[str, float]:
         """The per-step means of ``sums``, averaged over processes (one collective)."""

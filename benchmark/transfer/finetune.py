@@ -36,7 +36,7 @@ from benchmark.data.seeding import (
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.checkpoints import CheckpointManager
 from benchmark.training.distributed import barrier, seed_everything, wrap_ddp
-from benchmark.training.loop import Callback, TrainingLoop
+from benchmark.training.loop import WINDOW_KEY, Callback, TrainingLoop
 from benchmark.training.progress import main_printer
 
 METRICS_FILE = "metrics.json"
@@ -178,12 +178,14 @@ def finetune(
 
     checkpoints = CheckpointManager(out_dir, "iter", writer=world.is_main)
     start = 0
+    open_window = None  # the logging window a checkpoint was written in the middle of
     latest = checkpoints.latest()
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, ("model", "optimizer", "iteration"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
+        saved = ckpt.load_checkpoint(latest, ("model", "optimizer", "iteration"))
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start = int(saved["iteration"])
+        open_window = saved.get(WINDOW_KEY)
         say(f"==> finetune {name} seed {seed}: resuming from iteration {start}")
 
     train_set = CocoInstances(root, "train", train=True)
@@ -253,6 +255,8 @@ def finetune(
         window=f.log_every,
         checkpoint_every=f.checkpoint_every,
         state=state,
+        resume_window=open_window,
+        close_at_stop=last == d.iterations,  # stopped early: no partial window, as a kill
     )
     if last < d.iterations:
         barrier(world)

@@ -12,7 +12,7 @@ from torch import nn
 
 from benchmark.core.contracts import World
 from benchmark.training.checkpoints import CheckpointManager
-from benchmark.training.loop import Callback, TrainingDiverged, TrainingLoop
+from benchmark.training.loop import WINDOW_KEY, Callback, TrainingDiverged, TrainingLoop
 
 
 class Record(Callback):
@@ -107,6 +107,45 @@ def test_resumed_range_and_batches_that_run_out():
     record.logs.clear()
     loop.run([torch.ones(1, 1)] * 2, range(0, 10), _forward(model))  # only 2 batches
     assert [step for step, _ in record.logs] == [2]
+
+
+def test_a_window_open_at_a_checkpoint_continues_after_the_resume(tmp_path: Path):
+    batches = [torch.full((1, 1), float(i + 1)) for i in range(8)]
+
+    def run(steps: range, manager: CheckpointManager, window=None, close=True, model=None):
+        record = Record()
+        model_, opt, loop = _loop(record, manager=manager)
+        if model is not None:
+            model_.load_state_dict(model)
+        loop.run(
+            batches[steps.start :],
+            steps,
+            _forward(model_),
+            window=4,
+            checkpoint_every=3,
+            state=lambda done: {"model": model_.state_dict()},
+            resume_window=window,
+            close_at_stop=close,
+        )
+        return record
+
+    straight = run(range(0, 8), CheckpointManager(tmp_path / "a", "iter"))
+    manager = CheckpointManager(tmp_path / "b", "iter")
+    stopped = run(range(0, 3), manager, close=False)  # stopped after step 3 of a window of 4
+    assert stopped.logs == []  # no partial window, as a kill would log none
+    saved = torch.load(manager.path(3), weights_only=True)
+    assert saved[WINDOW_KEY]["count"] == 3
+    # loss = w * x with w <- w - lr * x: the three steps' losses summed, by hand
+    w, total = 1.0, 0.0
+    for step, x in enumerate((1.0, 2.0, 3.0)):
+        total += w * x
+        w -= 0.1 * (step + 1) * x
+    assert float(saved[WINDOW_KEY]["sums"]["loss"]) == pytest.approx(total)
+    resumed = run(range(3, 8), manager, saved[WINDOW_KEY], model=saved["model"])
+    assert [s for s, _ in resumed.logs] == [s for s, _ in straight.logs] == [4, 8]
+    for (_, a), (_, b) in zip(resumed.logs, straight.logs, strict=True):
+        assert a["loss"] == b["loss"] and a["twice"] == b["twice"]
+    assert torch.load(manager.path(8))[WINDOW_KEY] == {"sums": {}, "count": 0}
 
 
 def test_a_non_finite_loss_stops_with_the_stage_message():

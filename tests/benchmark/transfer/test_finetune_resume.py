@@ -4,6 +4,7 @@ RPN/RoI samples as an uninterrupted run, so the same weights, precise-BN and COC
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,19 @@ from benchmark.config import load_config
 from benchmark.core.contracts import World
 from benchmark.core.errors import UserError
 from benchmark.training.checkpoints import CheckpointError
+from benchmark.training.loop import Callback
 from benchmark.transfer.finetune import METRICS_FILE, finetune, read_metrics
 from tests.benchmark._tiny import TINY_FINETUNE
+
+
+class Logged(Callback):
+    """The logged training windows, without the throughput (wall-clock)."""
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[int, dict[str, float]]] = []
+
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.windows.append((step, {k: v for k, v in metrics.items() if k != "images_per_sec"}))
 
 
 def tiny(tmp_path: Path, *extra: str):
@@ -40,11 +52,16 @@ def _scored(out: Path) -> dict[str, float]:
 def test_fine_tune_stopped_mid_epoch_resumes_as_if_never_stopped(tmp_path: Path):
     cfg = tiny(tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    finetune(cfg, "glas", 1, None, World(), straight)
+    once, twice = Logged(), Logged()
+    finetune(cfg, "glas", 1, None, World(), straight, [once])
     # stopped after iteration 3: epoch 1, its first batch trained, the second not
-    assert finetune(cfg, "glas", 1, None, World(), resumed, stop_after_iter=3).metrics == {}
+    stopped = finetune(cfg, "glas", 1, None, World(), resumed, [twice], stop_after_iter=3)
+    assert stopped.metrics == {}
     assert (resumed / "iter_0000003.pth").is_file()
-    finetune(cfg, "glas", 1, None, World(), resumed)
+    finetune(cfg, "glas", 1, None, World(), resumed, [twice])
+    # windows of 2: the one open at the stop (iterations 3-4) logs the same mean once
+    assert [step for step, _ in once.windows] == [2, 4, 5]
+    assert twice.windows == once.windows
 
     a = torch.load(straight / "iter_0000005.pth", weights_only=True)
     b = torch.load(resumed / "iter_0000005.pth", weights_only=True)
