@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from benchmark.training.checkpoints import atomic_write
-from benchmark.transfer.model import ACCEPTED_WEIGHTS, WeightsError, read_backbone_state_dict
+from benchmark.transfer.weights import ACCEPTED_WEIGHTS, WeightsError, read_torch_state_dict
 
 #: torchvision ResNet keys, the only ones converted (``fc.*`` is matched to be dropped).
 _RESNET_KEY = re.compile(
@@ -175,7 +175,7 @@ def export_detectron2(backbone_pth: Path, out_pkl: Path) -> None:
     out_pkl = Path(out_pkl)
     if out_pkl.suffix != ".pkl":
         raise WeightsError(f"{out_pkl}: detectron2 weights must end in .pkl (d2 reads them so)")
-    state = read_backbone_state_dict(backbone_pth)
+    state = read_torch_state_dict(backbone_pth)
     try:
         check_resnet(state)
         model = to_detectron2(state)
@@ -248,6 +248,6 @@ def read_detectron2(pkl: Path) -> dict[str, Tensor]:
 def import_detectron2(pkl: Path, out_pth: Path) -> None:
     """Write the ResNet weights of a detectron2 ``.pkl`` (``{"model": ...}`` or a bare model
     dict) as a torchvision ``state_dict`` that :func:`~benchmark.transfer.model.load_backbone`
-    reads."""
+    reads (which also reads the ``.pkl`` itself)."""
     state = read_detectron2(pkl)
     atomic_write(Path(out_pth), lambda tmp: torch.save(state, tmp))

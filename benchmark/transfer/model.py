@@ -10,7 +10,6 @@ instead of ``BATCH_SIZE_PER_IMAGE x images``, and base anchors rounded to intege
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,14 @@ from torchvision.models.detection.transform import (
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from benchmark.core.errors import UserError
+from benchmark.transfer.detectron2 import read_detectron2
+from benchmark.transfer.weights import (
+    ACCEPTED_WEIGHTS,
+    WeightsError,
+    check_weights_path,
+    is_plain_pickle,
+    read_torch_state_dict,
+)
 
 #: ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` of ConCL's ``_moco.yaml`` (RGB, 0-255), scaled to 0-1 input.
 PIXEL_MEAN = tuple(v / 255.0 for v in (123.675, 116.280, 103.530))
@@ -44,18 +50,6 @@ ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES)
 ROI_STRIDES = (4, 8, 16, 32)
 #: Background + gland: d2's ``ROI_HEADS.NUM_CLASSES 1`` does not count the background.
 NUM_CLASSES = 2
-
-#: The weight files every reader accepts, named in each of their errors.
-ACCEPTED_WEIGHTS = (
-    "a torchvision ResNet state_dict (conv1.*, bn1.*, layer1-4.*; fc.* ignored) such as "
-    "backbone.pth written after pre-training, optionally under a 'state_dict' key, or a "
-    "detectron2 .pkl of numeric arrays (ConCL's or `concl-bench export`'s)"
-)
-_EXPECTED = f"expected {ACCEPTED_WEIGHTS}"
-
-
-class WeightsError(UserError, ValueError):
-    """Backbone weights that do not fit the detector; the message is one line."""
 
 
 def shortest_edge_size(h: int, w: int, size: int, max_size: int) -> tuple[int, int]:
@@ -299,64 +293,16 @@ def _detectron2_head_init(model: MaskRCNN) -> None:
     nn.init.zeros_(heads.mask_predictor.mask_fcn_logits.bias)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
-
-
-def _strip_prefix(key: str) -> str:
-    while key.startswith(("module.", "backbone.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def _plain_pickle(path: Path) -> bool:
-    """Whether ``path`` is a bare pickle (detectron2's format) rather than ``torch.save``'s zip
-    archive or legacy file (whose first pickle is torch's magic number, a long integer)."""
-    with open(path, "rb") as fh:
-        head = fh.read(3)
-    return len(head) == 3 and head[0] == 0x80 and head[2] != 0x8A  # 0x8A: LONG1, the magic
-
-
 def read_backbone_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The ResNet ``state_dict`` in ``path`` with ``module.``/``backbone.`` prefixes stripped
-    and ``fc.*`` dropped; a detectron2 ``.pkl`` is read through ``read_detectron2``. Raises a
-    one-line WeightsError for anything else (a missing file, a folder, another format)."""
+    """The ResNet ``state_dict`` in ``path``: a ``torch.save`` file (``read_torch_state_dict``:
+    ``module.``/``backbone.`` prefixes stripped, ``fc.*`` dropped) or a detectron2 pickle
+    (``read_detectron2``, by its ``.pkl`` suffix or its content). Raises a one-line
+    WeightsError for anything else (a missing file, a folder, another format)."""
     path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{path} does not exist: give the path of {ACCEPTED_WEIGHTS}")
-    if not path.is_file():
-        raise WeightsError(f"{path} is a folder, not a weights file: give the path of "
-                           f"{ACCEPTED_WEIGHTS}")  # fmt: skip
-    if path.suffix == ".pkl" or _plain_pickle(path):
-        from benchmark.transfer.detectron2 import read_detectron2
-
+    check_weights_path(path)
+    if path.suffix == ".pkl" or is_plain_pickle(path):
         return read_detectron2(path)
-    try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"{path}: not a readable PyTorch file ({_first_line(exc)}); {_EXPECTED}"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state_dict; {_EXPECTED}")
-    other = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
-    if other:
-        raise WeightsError(
-            f"{path}: {len(other)} entries are not tensors ({', '.join(other[:4])}) - a training "
-            f"checkpoint rather than weights?; {_EXPECTED}"
-        )
-    state: OrderedDict[str, Tensor] = OrderedDict()
-    for key, value in obj.items():
-        name = _strip_prefix(key)
-        if name.startswith("fc."):
-            continue
-        if name in state:
-            raise WeightsError(f"{path}: key {name!r} appears twice after prefix stripping")
-        state[name] = value
-    return state
+    return read_torch_state_dict(path)
 
 
 def load_backbone(model: MaskRCNN, path: str | Path) -> None:
@@ -407,7 +353,7 @@ def _check_fit(state: dict[str, Tensor], expected: dict[str, Tensor], path: str 
         if found
     ]
     if problems:
-        raise WeightsError(f"{path}: {'; '.join(problems)}; {_EXPECTED}")
+        raise WeightsError(f"{path}: {'; '.join(problems)}; expected {ACCEPTED_WEIGHTS}")
 
 
 #: Normalisation layers d2's ``get_default_optimizer_params`` exempts from weight decay.
