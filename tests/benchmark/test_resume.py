@@ -47,9 +47,13 @@ def test_pretraining_resumed_with_workers_matches_the_uninterrupted_run(
         _pretrain_cfg(method, tiny_overrides, tmp_path / "straight", "straight"), World()
     )
     cfg = _pretrain_cfg(method, tiny_overrides, tmp_path / "resumed", "resumed")
-    assert run_pretrain(cfg, World(), stop_after_epoch=1).epochs_done == 1
+    first = run_pretrain(cfg, World(), stop_after_epoch=1)
+    assert first.epochs_done == 1
+    # what a kill -9 inside the next checkpoint write leaves; the resume removes it
+    (first.run_dir / ".epoch_0000002.pth.x1y2z3_a.tmp").write_bytes(b"half a checkpoint")
     resumed = run_pretrain(cfg, World())
     assert resumed.epochs_done == 2
+    assert list(resumed.run_dir.glob("*.tmp")) == list(resumed.run_dir.glob(".*.tmp")) == []
 
     # in the main process: an iterator per epoch instead of persistent workers
     in_process = run_pretrain(
