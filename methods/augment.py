@@ -25,7 +25,7 @@ class PILGaussianBlur:
 
     PIL's filter is what the original used; torchvision's GaussianBlur needs a kernel size
     and blurs slightly differently for the same σ. σ comes from torch's RNG, which the
-    DataLoader seeds per worker.
+    training loaders seed per sample (``benchmark.data.seeding.SeededSamples``).
     """
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
