@@ -195,6 +195,8 @@ def _data_generate(args: argparse.Namespace) -> int:
             f"--size {size}: patches must be at least 8 px (leave it out for the demo's "
             f"{demo.synthetic_size})"
         )
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: the generator takes seeds >= 0")
     check_writable(root, "--root", "--root=…")
     print(f"==> writing {n} synthetic H&E patches of {size} px to {root}", file=sys.stderr)
     write_pretrain_set(root, n, size, seed, list_file=demo.list_file or "train.txt")
@@ -471,9 +473,13 @@ def _methods() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from benchmark.config import TrackingConfig
+    from benchmark.config import ConfigError, TrackingConfig
     from benchmark.report import build_report
 
+    if not args.delta > 0:
+        raise ConfigError(
+            f"--delta {args.delta}: the difference the 'seeds needed' figures are for must be > 0"
+        )
     tracking = TrackingConfig()
     check_writable(args.out, "--out", "another --out folder")
     result = build_report(

@@ -334,6 +334,8 @@ def merge(
 def load_yaml(path: Path) -> DictConfig:
     """A YAML mapping, read by OmegaConf (whose YAML reads ``1e-3`` as a float; PyYAML does
     not); a missing file, bad YAML or a non-mapping is a one-line ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: name a YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -469,6 +471,16 @@ def validate(cfg: DictConfig) -> None:
         (cfg.data.image_size >= 32, "data.image_size must be >= 32"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.synthetic_images >= 1, "data.synthetic_images must be >= 1"),
+        (cfg.data.synthetic_seed >= 0, "data.synthetic_seed must be >= 0"),
+        (p.seed >= 0, "pretrain.seed must be >= 0"),
+        (
+            cfg.probe.tissue.synthetic_seed_train >= 0,
+            "probe.tissue.synthetic_seed_train must be >= 0",
+        ),
+        (
+            cfg.probe.tissue.synthetic_seed_test >= 0,
+            "probe.tissue.synthetic_seed_test must be >= 0",
+        ),
         (cfg.data.synthetic_size >= 8, "data.synthetic_size must be >= 8"),
         (
             not (cfg.data.synthetic and get_method(cfg.method.name).pretrains)

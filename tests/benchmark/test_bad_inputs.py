@@ -254,6 +254,13 @@ CASES = [
          ("bad.yaml: not valid YAML",), _bad_yaml),
     Case("config file with a misspelt key", _pretrain("--config", "{tmp}/mine.yaml"),
          ("mine.yaml: unknown config key 'pretrain.batchsize'",), _other_key_yaml),
+    Case("negative seed", _pretrain("pretrain.seed=-1"), ("pretrain.seed must be >= 0 (got -1)",)),
+    Case("negative generator seed",
+         ("data", "generate", "--root", "{tmp}/gen", "--num-images", "2", "--seed", "-1"),
+         ("--seed -1: the generator takes seeds >= 0",)),
+    Case("config file that is a folder", _pretrain("--config", "{tmp}/out"),
+         ("config file", "out is a folder: name a YAML file in it")),
+    Case("report with a zero delta", ("report", "--delta", "0"), ("--delta 0.0", "must be > 0")),
     Case("UI port out of range", ("ui", "--port", "70000"), ("PORT=70000 is not a TCP port",)),
     # ---- the data front door (issue 13 item 8)
     Case("GlaS raw root that does not exist", _prepare("--raw-root", "{tmp}/absent"),
