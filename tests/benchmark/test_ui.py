@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -39,8 +40,43 @@ def test_parent_names_read_like_the_paper_table():
     assert parent_run_name("weights-0a1b2c", 200, "demo", external=True) == "weights-0a1b2c demo"
 
 
-def test_ui_server_serves_nested_runs_and_stops(tmp_path: Path):
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process from /proc; ``None`` when gone or a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid = text.rsplit(")", 1)[1].split()[:2]
+    return None if state in "ZX" else (state, int(ppid))
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = stat[1]
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _wait_gone(pids: set[int], seconds: float) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := {p for p in pids if _stat(p) is not None}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_ui_serves_nested_runs_and_sigterm_stops_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``concl-bench ui`` as users start it; SIGTERM to it ends the server and its nine
+    worker processes (before, they kept running and held the port)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracker = Tracker("concl-bench", uri, str(tmp_path / "artifacts"))
     parent = tracker.parent_run(
         "concl",
@@ -58,18 +94,24 @@ def test_ui_server_serves_nested_runs_and_stops(tmp_path: Path):
 
     port = _free_port()
     cmd = server_command(port, uri=uri, artifact_root=str(tmp_path / "artifacts"))
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    server = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[5] == uri
+    env = dict(os.environ)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "benchmark", "ui", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    processes: set[int] = set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         experiment = None
         while experiment is None:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited: {server.stderr.read().decode()[-2000:]}")
+            if ui.poll() is not None:
+                pytest.fail(f"concl-bench ui exited: {ui.stderr.read().decode()[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not answer within 90 s")
+                pytest.fail("the MLflow UI did not answer within 120 s")
             try:
                 experiment = _api(port, "experiments/get-by-name?experiment_name=concl-bench")
             except OSError:
@@ -99,11 +141,84 @@ def test_ui_server_serves_nested_runs_and_stops(tmp_path: Path):
             "finetune glas seed 1",
             "finetune glas seed 2",
         ]
+        processes = _descendants(ui.pid)
+        assert len(processes) >= 3  # supervisor, mlflow server, uvicorn, job runner, ...
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+        assert _wait_gone(processes, 30) == set()
+        assert not port_in_use(port)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    assert not port_in_use(port)
+        _kill(ui, processes)
+
+
+def _kill(proc: subprocess.Popen, processes: set[int]) -> None:
+    """Clean-up after a failed assertion: nothing of the test may outlive it."""
+    processes |= _descendants(proc.pid)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in processes:
+        if _stat(pid) is not None:
+            os.kill(pid, signal.SIGKILL)
+
+
+_GRANDCHILD = (
+    "import signal, subprocess, sys, time; "
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN) if sys.argv[1] == 'stubborn' else None; "
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+    "print('up', flush=True); time.sleep(600)"
+)
+
+
+def _launch(mode: str) -> tuple[subprocess.Popen, int]:
+    """What ``concl-bench ui`` does (``subprocess.call`` of the supervised command), with a
+    server stand-in that starts a child of its own; returns the launcher and supervisor."""
+    serve = (
+        "import sys; from benchmark.ui import serve; "
+        f"sys.exit(serve([sys.executable, '-c', {_GRANDCHILD!r}, {mode!r}], timeout=2.0))"
+    )
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; subprocess.call([sys.executable, '-c', {serve!r}])",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+    )
+    assert launcher.stdout.readline().strip() == "up"
+    deadline = time.monotonic() + 10
+    while len(_descendants(launcher.pid)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # supervisor, stand-in, its sleeper (and the stand-in's python)
+    (supervisor,) = [p for p in _descendants(launcher.pid) if _stat(p)[1] == launcher.pid]
+    return launcher, supervisor
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_ctrl_c_ends_the_whole_server_session():
+    """Ctrl-C reaches the launcher and the supervisor; the launcher kills the supervisor a
+    quarter second later, so the server's session must have its SIGTERM by then."""
+    launcher, _ = _launch("plain")
+    processes = _descendants(launcher.pid)
+    try:
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=30)
+        assert _wait_gone(processes, 15) == set()
+    finally:
+        _kill(launcher, processes)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_a_killed_launcher_still_ends_a_stubborn_server():
+    """``kill -9`` of ``concl-bench ui``: the supervisor sees its parent go and ends the
+    session, killing what ignores SIGTERM after the timeout."""
+    launcher, _ = _launch("stubborn")
+    processes = _descendants(launcher.pid)
+    try:
+        launcher.kill()
+        launcher.wait(timeout=30)
+        assert _wait_gone(processes, 20) == set()
+    finally:
+        _kill(launcher, processes)
