@@ -69,10 +69,17 @@ def test_random_init_benchmark_tracks_seeds_and_never_reruns(tmp_path: Path, cap
     files = sorted((tmp_path / "out").rglob("metrics.json"))
     assert len(files) == 2
     stamps = [f.stat().st_mtime_ns for f in files]
+    ended = {r.info.run_id: r.info.end_time for r in [parent, *runs]}
     again = run_benchmark(tiny(tmp_path, "random"), World())
     assert again == summary
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert len(children("finetune")) == 2
+    # the re-run ran nothing, so it changed no run: no status, no end time, no metric step
+    for run_id, end_time in ended.items():
+        run = client.get_run(run_id)
+        assert (run.info.status, run.info.end_time) == ("FINISHED", end_time)
+    for key in summary:
+        assert len(client.get_metric_history(parent.info.run_id, key)) == 1
 
 
 def test_interrupted_fine_tuning_completes_only_the_missing_work(tmp_path: Path):
