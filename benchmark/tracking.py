@@ -21,6 +21,7 @@ import errno
 import math
 import os
 import sqlite3
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -179,14 +180,16 @@ def _check_sqlite_file(uri: str, db: Path) -> None:
 
 
 def _check_server(uri: str) -> None:
-    """One request with a short timeout: any HTTP answer (even 401 or 404) means a server
-    is there; a refused or silent connection is a server that is not."""
+    """One request with a short timeout: any HTTP answer (even 401 or 404, or a TLS
+    handshake) means a server is there; a refused or silent connection is one that is not."""
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered; its certificate is MLflow's business (MLFLOW_TRACKING_*)
         raise TrackingError(
             f"cannot reach the MLflow server at {uri} ({reason}); start it (`make ui` serves "
             "the local store) or unset MLFLOW_TRACKING_URI to use the local sqlite store"
