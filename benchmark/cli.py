@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -204,8 +204,14 @@ def _data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long torchrun and its workers get to end their runs after a stop signal (torchrun
+#: itself waits 30 s for its workers) before whatever is left is killed.
+TREE_STOP_TIMEOUT_S = 60.0
+
+
 def _torchrun(gpus: int, argv: Sequence[str]) -> int:
-    """Re-run this command under torchrun with ``gpus`` processes on this machine."""
+    """Re-run this command under torchrun with ``gpus`` processes on this machine; a stop
+    signal (or this process's death) ends torchrun and every worker."""
     cmd = [
         sys.executable,
         "-m",
@@ -220,7 +226,15 @@ def _torchrun(gpus: int, argv: Sequence[str]) -> int:
         f"==> launching {gpus} processes: torchrun ... -m benchmark {' '.join(argv)}",
         file=sys.stderr,
     )
-    rc = subprocess.call(cmd)
+    from benchmark.ui import supervise
+
+    # Not subprocess.call: a SIGTERM to this process would leave torchrun and its workers
+    # (each in a session of its own) running, and Ctrl-C would SIGKILL torchrun before it
+    # stopped them. SIGINT lets every worker end its runs as KILLED, as a Ctrl-C does.
+    result = supervise([cmd], interrupt=signal.SIGINT, timeout=TREE_STOP_TIMEOUT_S)
+    if result.stopped_by is not None:
+        raise KeyboardInterrupt
+    rc = result.codes[0]
     if rc:
         print(
             f"error: a torchrun worker failed (exit {rc}); see the messages above", file=sys.stderr
@@ -509,7 +523,9 @@ def _ui(args: argparse.Namespace) -> int:
         f"==> MLflow UI: http://{DEFAULT_HOST}:{args.port} (store {cmd[5]}); Ctrl-C stops it",
         file=sys.stderr,
     )
-    return subprocess.call(cmd)
+    from benchmark.ui import launch
+
+    return launch(cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,6 +25,8 @@ from benchmark.tune.storage import StudyStorage, quiet_optuna
 WORKER_ENTRY = "import sys; from benchmark.tune.worker import worker_main; sys.exit(worker_main())"
 #: Exit code of a worker that stopped because as many trials failed as TRIALS.
 SYSTEMATIC_EXIT = 3
+#: How long workers get to end their trials after a stop before what is left is killed.
+WORKER_STOP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -164,10 +165,17 @@ def gpu_slots(device: str) -> list[str]:
 
 def spawn_workers(spec: WorkerSpec, device: str) -> list[int]:
     """W worker processes on this machine; worker w gets GPU ``w mod n`` if there are GPUs,
-    else an equal share of the cores. Returns their exit codes."""
+    else an equal share of the cores. Returns their exit codes.
+
+    They run under ``benchmark.ui.supervise``, each in a session of its own: Ctrl-C, SIGTERM
+    or SIGHUP to this process (or its death) hands each worker one SIGINT, so it ends its
+    trial and runs as an interrupted one; what is left after ``WORKER_STOP_TIMEOUT_S`` is
+    killed. A stop raises ``KeyboardInterrupt`` here (the study run ends KILLED)."""
+    from benchmark.ui import supervise
+
     gpus = gpu_slots(device)
     cpus = os.cpu_count() or 1
-    procs = []
+    commands, envs = [], []
     for w in range(spec.workers):
         env = dict(os.environ)
         if gpus:
@@ -177,21 +185,12 @@ def spawn_workers(spec: WorkerSpec, device: str) -> list[int]:
         blob = json.dumps(asdict(replace(spec, worker=w)))
         where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
         print(f"==> starting worker {w}{where}", file=sys.stderr, flush=True)
-        procs.append(
-            subprocess.Popen([sys.executable, "-c", WORKER_ENTRY, "--worker", blob], env=env)
-        )
-    try:
-        return [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        raise
+        commands.append([sys.executable, "-c", WORKER_ENTRY, "--worker", blob])
+        envs.append(env)
+    result = supervise(commands, envs, interrupt=signal.SIGINT, timeout=WORKER_STOP_TIMEOUT_S)
+    if result.stopped_by is not None:
+        raise KeyboardInterrupt
+    return result.codes
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from benchmark.cli import _strip_gpus, main
+from tests.benchmark._procs import descendants, kill_tree, needs_proc, wait_for_tree, wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,3 +217,120 @@ def test_overrides_may_follow_options_anywhere(capsys: pytest.CaptureFixture[str
     argv = ["pretrain", "-m", "mocov2", "pretrain.epochs=2", "--profile", "demo", "optim.lr=-1"]
     assert main(argv) == 2  # the second override is read, not refused as unrecognized
     assert capsys.readouterr().err.splitlines()[-1] == "error: optim.lr must be > 0 (got -1.0)"
+
+
+def _torchrun_pretrain(tiny_overrides, out: Path, err: Path) -> subprocess.Popen[bytes]:
+    """``concl-bench pretrain --gpus 2`` long enough to be stopped while it trains."""
+    args = ["pretrain", "-m", "mocov2", "--profile", "demo", "--gpus", "2"]
+    overrides = tiny_overrides(out, "pretrain.epochs=200")
+    with open(err, "wb") as stderr:  # a file: a full pipe would block the workers
+        return subprocess.Popen(
+            [sys.executable, "-m", "benchmark", *args, *overrides],
+            cwd=REPO,
+            env={**os.environ, "CI": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # its own group, as a terminal's foreground job
+        )
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["SIGTERM", "kill -9"])
+def test_a_stopped_torchrun_launch_leaves_no_process(how: str, tiny_overrides, tmp_path: Path):
+    """concl-bench -> torchrun -> 2 workers (each in a session of its own). Before, a
+    SIGTERM to concl-bench left all three running. SIGTERM: the workers get one SIGINT,
+    end as a Ctrl-C does, and the launcher says how to continue (exit 130). ``kill -9`` of
+    concl-bench: the kernel hands torchrun the SIGINT, and it stops its workers."""
+    launcher = _torchrun_pretrain(tiny_overrides, tmp_path / "out", tmp_path / "err.txt")
+    processes: set[int] = set()
+    try:
+        processes = wait_for_tree(launcher, 3, 180)  # torchrun and its two workers
+        if how == "SIGTERM":  # stop it while it trains: rank 0 wrote the run's config
+            deadline = time.monotonic() + 180
+            while not list((tmp_path / "out").glob("mocov2-*/config.yaml")):
+                assert launcher.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            processes |= descendants(launcher.pid)
+            launcher.send_signal(signal.SIGTERM)
+            assert launcher.wait(timeout=120) == 130
+            err = (tmp_path / "err.txt").read_text().strip().splitlines()
+            assert err[-1].startswith("interrupted: checkpoints written so far are kept")
+        else:
+            launcher.kill()
+            launcher.wait()
+        assert wait_gone(processes, 90) == set()
+    finally:
+        kill_tree(launcher, processes)
+
+
+_STUBBORN_TREE = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+# a grandchild leading a session of its own, as torchrun's workers do, that ignores SIGINT
+subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"],
+    start_new_session=True)
+time.sleep(600)
+"""
+
+
+@needs_proc
+def test_the_supervisor_kills_a_stubborn_tree_and_its_other_sessions():
+    """A tree that ignores the SIGINT it is handed is killed after the timeout, the sessions
+    its descendants lead included (a signal to the command's group alone misses them)."""
+    code = (
+        "import signal, sys; from benchmark.ui import supervise; "
+        f"r = supervise([[sys.executable, '-c', {_STUBBORN_TREE!r}]], "
+        "interrupt=signal.SIGINT, timeout=1.0); "
+        "sys.exit(10 + r.stopped_by if r.stopped_by else 1)"
+    )
+    supervisor = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    processes: set[int] = set()
+    try:
+        processes = wait_for_tree(supervisor, 2, 60)
+        time.sleep(0.5)  # the grandchild's SIGINT handler is in place
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 10 + signal.SIGTERM
+        assert wait_gone(processes, 10) == set()
+    finally:
+        kill_tree(supervisor, processes)
+
+
+_STUBBORN_SERVER = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_proc
+def test_ctrl_c_of_the_ui_launcher_waits_for_a_stubborn_server_to_be_killed():
+    """``concl-bench ui`` waits for its supervisor (``launch``): Ctrl-C reaches both, and the
+    supervisor has the time to kill a server that ignores SIGTERM (``subprocess.call`` killed
+    the supervisor 0.25 s after Ctrl-C, leaving such a server running)."""
+    serve = (
+        "import sys; from benchmark.ui import serve; "
+        f"sys.exit(serve([sys.executable, '-c', {_STUBBORN_SERVER!r}], timeout=2.0))"
+    )
+    code = (
+        "import sys; from benchmark.ui import launch; "
+        f"sys.exit(launch([sys.executable, '-c', {serve!r}]))"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job
+    )
+    processes: set[int] = set()
+    try:
+        assert launcher.stdout.readline().strip() == "up"
+        processes = wait_for_tree(launcher, 3, 30)  # supervisor, server, its child
+        os.killpg(launcher.pid, signal.SIGINT)
+        assert launcher.wait(timeout=30) == 128 + signal.SIGINT
+        assert wait_gone(processes, 10) == set()
+    finally:
+        kill_tree(launcher, processes)

@@ -17,6 +17,10 @@ import pytest
 from benchmark.core.schema import DESCRIPTION_TAG, PARENT_RUN_ID_TAG
 from benchmark.tracking import Tracker, parent_run_name
 from benchmark.ui import port_in_use, server_command
+from tests.benchmark._procs import descendants as _descendants
+from tests.benchmark._procs import kill_tree as _kill
+from tests.benchmark._procs import proc_stat as _stat
+from tests.benchmark._procs import wait_gone as _wait_gone
 
 
 def _free_port() -> int:
@@ -38,35 +42,6 @@ def test_parent_names_read_like_the_paper_table():
     assert parent_run_name("mocov2", 2, "demo") == "mocov2 r18 ep2 demo"
     assert parent_run_name("random", 200, "paper") == "random r18"
     assert parent_run_name("weights-0a1b2c", 200, "demo", external=True) == "weights-0a1b2c demo"
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a live process from /proc; ``None`` when gone or a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    state, ppid = text.rsplit(")", 1)[1].split()[:2]
-    return None if state in "ZX" else (state, int(ppid))
-
-
-def _descendants(pid: int) -> set[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = stat[1]
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _wait_gone(pids: set[int], seconds: float) -> set[int]:
-    deadline = time.monotonic() + seconds
-    while (alive := {p for p in pids if _stat(p) is not None}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
@@ -149,17 +124,6 @@ def test_ui_serves_nested_runs_and_sigterm_stops_every_process(
         assert not port_in_use(port)
     finally:
         _kill(ui, processes)
-
-
-def _kill(proc: subprocess.Popen, processes: set[int]) -> None:
-    """Clean-up after a failed assertion: nothing of the test may outlive it."""
-    processes |= _descendants(proc.pid)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    for pid in processes:
-        if _stat(pid) is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 _GRANDCHILD = (
