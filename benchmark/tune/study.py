@@ -312,7 +312,8 @@ def run_study(
 
 
 def summarize(study: optuna.Study, tracker: Tracker, run_id: str, store: StudyStorage) -> None:
-    """Counts, best value, ``best_params.yaml`` and plots on the study's parent run."""
+    """Counts, best value, ``best_params.yaml`` and plots on the study's parent run (a
+    re-run that changed nothing logs no metric step)."""
     n = state_counts(study)
     metrics: dict[str, float] = dict(n)
     best = best_trial(study)
@@ -320,7 +321,9 @@ def summarize(study: optuna.Study, tracker: Tracker, run_id: str, store: StudySt
         metrics["best_value"] = float(best.value)
         tracker.set_tags(run_id, {"best_trial": best.number})
         tracker.log_text(run_id, best_config_yaml(study.study_name, store.url), "best_params.yaml")
-    tracker.log_metrics(run_id, metrics, step=len(study.trials))
+    # Changed values only, at a new step: a dead trial swept to FAIL changes the counts
+    # but not len(study.trials), a step the run may already hold (which the tracker drops).
+    tracker.log_summary(run_id, metrics)
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_plots(study, Path(tmp)):
             tracker.log_artifact(run_id, path, "plots")

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from benchmark.tune import TuneError
 from benchmark.tune.objective import TrialContext
 from benchmark.tune.storage import StudyStorage
-from benchmark.tune.study import fail_dead_trials, run_study
+from benchmark.tune.study import fail_dead_trials, run_study, study_run, summarize
 from tests.benchmark.tune._helpers import WEIGHT, by_name, fake_evaluate, runs
 
 
@@ -132,3 +132,26 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_its_slot_refilled(s
     study = run_study("concl", "demo", trials=2, storage=storage, evaluate=fake_evaluate)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.RUNNING) == 0
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_a_summary_whose_counts_change_at_the_same_trial_count_is_logged(storage: str):
+    """A trial swept from RUNNING to FAIL leaves len(study.trials) as it was: the counts
+    that changed are logged all the same (at the next step; before, the step they were
+    logged at was taken and they were dropped), and a summary without change logs none."""
+    from benchmark.tracking import Tracker
+    from benchmark.tune.definition import TuneConfig
+    from benchmark.tune.schema import load_tune_config
+
+    tune: TuneConfig = load_tune_config("concl", "demo")
+    store = StudyStorage(storage, "rdb")
+    study = optuna.create_study(study_name="counts", storage=store.open())
+    tracker = Tracker("concl-bench")
+    run_id = study_run(tracker, "counts", store, tune)
+    trial = study.ask()
+    summarize(study, tracker, run_id, store)
+    study.tell(trial.number, state=TrialState.FAIL)
+    summarize(study, tracker, run_id, store)
+    summarize(study, tracker, run_id, store)
+    assert tracker.metric_history(run_id, "n_failed") == [(0, 0.0), (1, 1.0)]
+    assert tracker.metric_history(run_id, "n_complete") == [(0, 0.0)]
