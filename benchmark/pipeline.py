@@ -11,7 +11,6 @@ detector because they take seconds to minutes and say first whether the backbone
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ from benchmark.tracking import (
 )
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.progress import main_printer
-from benchmark.transfer.finetune import METRICS_FILE, finetune, prepare_dataset_for
+from benchmark.transfer.finetune import finetune, prepare_dataset_for, read_metrics
 
 
 def _file_digest(path: Path) -> str:
@@ -122,12 +121,15 @@ def run_benchmark(
 
         def one_seed(name: str, seed: int) -> dict[str, float]:
             """One (dataset, seed) fine-tune under its MLflow child; a finished one is read
-            back from its ``metrics.json``."""
+            back from its ``metrics.json`` (a damaged one is a one-line CheckpointError
+            saying to delete it, before its run is touched)."""
             out_dir = base / name / f"seed{seed}"
-            scored = (out_dir / METRICS_FILE).is_file()
-            child, done = open_finetune_run(tracker, parent, cfg, name, seed, weights, scored)
-            if done:
-                return json.loads((out_dir / METRICS_FILE).read_text())
+            scored = read_metrics(out_dir)
+            child, done = open_finetune_run(
+                tracker, parent, cfg, name, seed, weights, scored is not None
+            )
+            if done and scored is not None:
+                return scored
             final = cfg.finetune[name].iterations
             logger = MlflowMetrics(tracker, child, False, prefix="train_", final_step=final)
             with run_status(tracker, child) as seed_outcome:

@@ -177,3 +177,41 @@ def test_a_seed_callback_stops_the_benchmark_after_any_seed(tmp_path: Path):
     parent = MlflowClient().get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
     assert parent.data.tags["tune_study"] == "s"
+
+
+def test_a_damaged_metrics_json_is_one_line_and_touches_no_run(tmp_path: Path, capsys):
+    """A scored seed's ``metrics.json`` that does not parse (or lacks bbox_AP) is one line
+    saying to delete it, exit 2; before, a JSONDecodeError traceback. Its run, the parent
+    and the file are left as they were."""
+    from benchmark.cli import main
+
+    argv = [
+        "benchmark", "-m", "random", "--profile", "demo",
+        f"finetune.glas.raw_root={tmp_path / 'raw'}", f"finetune.glas.root={tmp_path / 'coco'}",
+        f"output_root={tmp_path / 'out'}", *TINY_TRANSFER, "finetune.seeds=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = children("finetune")
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    client = MlflowClient()
+    before = [(r.info.status, r.info.end_time) for r in (run, client.get_run(parent_id))]
+    (metrics,) = (tmp_path / "out").rglob("metrics.json")
+    for damaged, why in (
+        ('{"bbox_AP": 1', "cannot be read (JSONDecodeError)"),
+        ('{"segm_AP": 1}', "has no bbox_AP"),
+    ):
+        metrics.write_text(damaged)
+        capsys.readouterr()
+        assert main(argv) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        errors = [line for line in lines if not line.startswith("==> ")]
+        assert errors == [
+            f"error: {metrics} {why}: delete it to score this fine-tune again from its newest "
+            "checkpoint"
+        ]
+        assert metrics.read_text() == damaged
+        after = [
+            (r.info.status, r.info.end_time)
+            for r in map(client.get_run, (run.info.run_id, parent_id))
+        ]
+        assert after == before
