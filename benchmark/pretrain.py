@@ -333,7 +333,9 @@ def run_pretrain(
     A finished run (``done.json``) is reused only while its backbone is the one it exported;
     a damaged backbone is exported again from the last epoch's checkpoint.
     The run folder and its ``config.yaml`` are written before any run is marked RUNNING, so
-    an unwritable ``output_root`` is one line and leaves every run's status as it was.
+    an unwritable ``output_root`` is one line and leaves every run's status as it was;
+    ``done.json`` is written once those runs have ended, so a kill in between leaves no run
+    RUNNING for good (the re-run exports the backbone again from the last checkpoint).
     """
     digest = pretrain_hash(cfg)
     directory = ckpt.run_dir(cfg.output_root, cfg.method.name, digest)
@@ -355,13 +357,17 @@ def run_pretrain(
         config = to_yaml(cfg)
         ckpt.atomic_write(directory / "config.yaml", lambda tmp: Path(tmp).write_text(config))
     if parent is not None:
-        return _pretrain(cfg, world, stop_after_epoch, parent.tracker, parent.run_id)
-    tracker, parent_id = open_parent(cfg, world=world)
-    with run_status(tracker, parent_id) as outcome:
-        result = _pretrain(cfg, world, stop_after_epoch, tracker, parent_id)
-        if result.epochs_done < cfg.pretrain.epochs:
-            outcome.stopped()
-        return result
+        result = _pretrain(cfg, world, stop_after_epoch, parent.tracker, parent.run_id)
+    else:
+        tracker, parent_id = open_parent(cfg, world=world)
+        with run_status(tracker, parent_id) as outcome:
+            result = _pretrain(cfg, world, stop_after_epoch, tracker, parent_id)
+            if result.epochs_done < cfg.pretrain.epochs:
+                outcome.stopped()
+    if world.is_main and result.epochs_done == cfg.pretrain.epochs:
+        record = _done_record(digest, cfg.pretrain.epochs, result.run_id, backbone_path)
+        ckpt.save_json(record, directory / DONE_FILE)
+    return result
 
 
 def _sha256(path: Path) -> str:
@@ -526,8 +532,6 @@ def _pretrain(
             export_backbone(method, backbone_path)
             tracker.log_artifact(run_id, backbone_path)
             tracker.log_artifact(run_id, directory / "config.yaml")
-            record = _done_record(digest, epochs, run_id, backbone_path)
-            ckpt.save_json(record, directory / DONE_FILE)
         trainer.loop.events.on_done({})
         say(f"==> pretrain: done; backbone: {backbone_path}")
         barrier(world)
