@@ -177,6 +177,7 @@ def run_probes(
                     metrics, per_image = _dense(cfg, features.get(ds, seed), seed)
                 metrics["time_s"] = time.perf_counter() - start
                 where.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale_temps(where)  # what a kill inside the last writes left
                 ckpt.save_json(per_image, where / PROBE_PER_IMAGE_FILE)
                 tracker.log_artifact(child, where / PROBE_PER_IMAGE_FILE)
                 tracker.log_metrics(child, metrics, step=0)
