@@ -142,6 +142,8 @@ def finetune(
 
     scored = read_metrics(out_dir)
     if scored is not None:
+        if world.is_main:  # a kill between metrics.json and the pruning left them all
+            CheckpointManager(out_dir, "iter").prune(keep=1)
         return FinetuneResult(scored, out_dir, True)
     f, d = cfg.finetune, cfg.finetune[name]
     if f.batch_size % world.world_size:
