@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -198,7 +199,8 @@ def _data_generate(args: argparse.Namespace) -> int:
     if seed < 0:
         raise ConfigError(f"--seed {seed}: the generator takes seeds >= 0")
     check_writable(root, "--root", "--root=…")
-    print(f"==> writing {n} synthetic H&E patches of {size} px to {root}", file=sys.stderr)
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):  # else kept or refused
+        print(f"==> writing {n} synthetic H&E patches of {size} px to {root}", file=sys.stderr)
     write_pretrain_set(root, n, size, seed, list_file=demo.list_file or "train.txt")
     print(f"==> synthetic pre-training set ready: {root}", file=sys.stderr)
     return 0
@@ -258,9 +260,27 @@ def _strip_gpus(argv: Sequence[str]) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _checking() -> Iterator[None]:
+    """Hold what the checks print on stderr (a release found a level down, say) until they
+    pass: a refused input is its one ``error:`` line. Shown before any other failure."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except UserError:
+        raise
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+    sys.stderr.write(held.getvalue())
+    sys.stderr.flush()
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """pretrain / benchmark / finetune: validate here, then run or relaunch under torchrun."""
-    from benchmark.config import ConfigError, check_layout, load_config
+    """pretrain / benchmark / finetune: validate here, then run or relaunch under torchrun.
+    The profile line comes once every check passed: a refused input prints only its error."""
+    from benchmark.config import ConfigError, announce_profile, check_layout, load_config
 
     overrides = list(args.overrides)
     if args.epochs is not None:
@@ -269,20 +289,29 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         overrides.append(f"finetune.seeds={args.seeds}")
     under_torchrun = "LOCAL_RANK" in os.environ
     is_main = os.environ.get("RANK", "0") == "0"
-    cfg = load_config(
-        args.method, args.profile, tuple(args.config), tuple(overrides), announce=is_main
-    )
+    relaunch = args.gpus > 1 and not under_torchrun
     weights = getattr(args, "weights", None)
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus / GPUS must be >= 1 (got {args.gpus})")
-    check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
-    _preflight(cfg, args.command, weights)
-    if args.gpus > 1 and not under_torchrun:
-        import torch
+    with _checking():
+        cfg = load_config(
+            args.method, args.profile, tuple(args.config), tuple(overrides), announce=False
+        )
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus / GPUS must be >= 1 (got {args.gpus})")
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
+        _preflight(cfg, args.command, weights)
+        if is_main:  # the store last: a fresh one is made here, once nothing else is wrong
+            from benchmark.tracking import tracking_uri
 
-        visible = torch.cuda.device_count() if cfg.pretrain.device != "cpu" else 0
-        if visible and args.gpus > visible:
-            raise ConfigError(f"GPUS={args.gpus} but only {visible} CUDA devices are visible")
+            tracking_uri(cfg.tracking.uri)
+        if relaunch:
+            import torch
+
+            visible = torch.cuda.device_count() if cfg.pretrain.device != "cpu" else 0
+            if visible and args.gpus > visible:
+                raise ConfigError(f"GPUS={args.gpus} but only {visible} CUDA devices are visible")
+    if is_main:
+        announce_profile(args.profile)
+    if relaunch:
         return _torchrun(args.gpus, _strip_gpus(argv))
 
     from benchmark.training.distributed import init_world, shutdown
@@ -342,7 +371,9 @@ def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
     the data it will read and batches that fit it. A failure here is one line and leaves the
     MLflow store and every folder as they were."""
     from benchmark.core.registry import get_method
+    from benchmark.training.distributed import resolve_device
 
+    resolve_device(cfg.pretrain.device)  # pretrain.device=cuda on a machine without a GPU
     check_writable(Path(cfg.output_root), "output_root", "a writable output_root=…")
     if weights is not None:
         from benchmark.transfer.model import check_backbone_file
@@ -369,16 +400,20 @@ def _complete(root: str | Path) -> bool:
 
 
 def _check_pretrain_data(cfg: DictConfig) -> None:
-    """The pre-training images exist (or can be generated) and hold one global batch; not
-    needed when this config's pre-training already finished."""
+    """The pre-training images exist (or can be generated) and hold one global batch, and
+    the checkpoint a resume would read is one; not needed when this config's pre-training
+    already finished."""
     from benchmark.config import ConfigError, pretrain_hash
     from benchmark.data.pretrain import PretrainImageDataset
     from benchmark.pretrain import BACKBONE_FILE, DONE_FILE
-    from benchmark.training.checkpoints import run_dir
+    from benchmark.training.checkpoints import CheckpointManager, load_checkpoint, run_dir
 
     directory = run_dir(cfg.output_root, cfg.method.name, pretrain_hash(cfg))
     if (directory / DONE_FILE).is_file() and (directory / BACKBONE_FILE).is_file():
         return
+    latest = CheckpointManager(directory, "epoch", writer=False).latest()
+    if latest is not None:  # the one a resume reads: damaged, it stops before any run is made
+        load_checkpoint(latest, ("epoch", "model", "optimizer"))
     d = cfg.data
     if d.synthetic:  # its size is checked with the config; it only has to be writable
         if not _complete(d.root):
@@ -438,8 +473,13 @@ def _export(args: argparse.Namespace) -> int:
 def _data_prepare_or_check(args: argparse.Namespace) -> int:
     """``data prepare`` converts (or generates, in the demo) one dataset; ``data check``
     lists the problems of a raw release first (exit 1), then those of its conversion."""
-    from benchmark.config import load_config
-    from benchmark.data.coco import check_dataset, check_raw, locate_release
+    from benchmark.config import announce_profile, load_config
+    from benchmark.data.coco import (
+        check_before_conversion,
+        check_dataset,
+        check_raw,
+        locate_release,
+    )
     from benchmark.data.pretrain import DatasetError
     from benchmark.training.distributed import init_world
     from benchmark.transfer.finetune import prepare_dataset_for
@@ -452,20 +492,26 @@ def _data_prepare_or_check(args: argparse.Namespace) -> int:
                 f"{root} {what}: give glas, crag or the path of a prepared COCO folder"
             )
     else:
-        cfg = load_config("random", args.profile, overrides=tuple(args.overrides))
-        d = cfg.finetune[args.dataset]
-        if args.raw_root is not None:  # the user's release, never a synthetic stand-in
-            d.raw_root, d.synthetic = str(args.raw_root), False
-        if not d.synthetic:
-            raw = locate_release(args.dataset, Path(d.raw_root), skip=Path(d.root))
-            problems = check_raw(args.dataset, raw)
-            if problems and args.data_command == "check":
-                for problem in problems:
-                    print(problem)
-                print(f"==> {raw}: {len(problems)} problem(s) in the raw release", file=sys.stderr)
-                return 1
-            if not (raw / "annotations").is_dir() and not _complete(d.root):
-                check_writable(Path(d.root), f"finetune.{args.dataset}.root", "another root")
+        with _checking():
+            cfg = load_config("random", args.profile, (), tuple(args.overrides), announce=False)
+            d = cfg.finetune[args.dataset]
+            if args.raw_root is not None:  # the user's release, never a synthetic stand-in
+                d.raw_root, d.synthetic = str(args.raw_root), False
+            if not d.synthetic:
+                raw = locate_release(args.dataset, Path(d.raw_root), skip=Path(d.root))
+                problems = check_raw(args.dataset, raw)
+                if problems and args.data_command == "check":
+                    for problem in problems:
+                        print(problem)
+                    print(
+                        f"==> {raw}: {len(problems)} problem(s) in the raw release", file=sys.stderr
+                    )
+                    return 1
+                if problems:  # the line a benchmark's pre-flight prints, before any writing
+                    check_before_conversion(args.dataset, raw, Path(d.root))
+                if not (raw / "annotations").is_dir() and not _complete(d.root):
+                    check_writable(Path(d.root), f"finetune.{args.dataset}.root", "another root")
+        announce_profile(args.profile)
         root = prepare_dataset_for(cfg, args.dataset, init_world("cpu"))
     if args.data_command == "prepare":
         print(f"==> {args.dataset} ready for fine-tuning: {root}", file=sys.stderr)

@@ -399,15 +399,14 @@ def load_config(
     announce: bool = True,
     extra_layers: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> DictConfig:
-    """The resolved, validated config for ``method`` (see the module docstring for layering).
+    """The resolved, validated config for ``method`` (see the module docstring for layering);
+    ``announce`` prints the profile line once it is valid.
 
     ``extra_layers`` are ``(source, nested mapping)`` pairs merged after the ``--config`` files and
     before the overrides (a tuning study's fixed budget); their errors name ``source``.
     """
     cfg = _schema(method)
     concrete, why = resolve_profile(profile)
-    if announce:
-        print(f"==> profile: {concrete} ({why})", file=sys.stderr, flush=True)
     root = experiments_dir()
     layers = [root / "paper" / f"{method}.yaml"]
     for name in profile_chain(concrete):
@@ -449,7 +448,16 @@ def load_config(
             "choose the method with METHOD= (or --method), not method.name"
         )
     validate(cfg)
+    if announce:  # after the checks: a refused config is one line, not a banner and a line
+        announce_profile(concrete, why)
     return cfg
+
+
+def announce_profile(profile: str, why: str | None = None) -> None:
+    """The ``==> profile: ...`` line (which profile ``auto`` chose, and why). The CLI prints
+    it once a command's checks passed, so that a refused input is its one error line."""
+    concrete, reason = (profile, why) if why is not None else resolve_profile(profile)
+    print(f"==> profile: {concrete} ({reason})", file=sys.stderr, flush=True)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -116,6 +116,15 @@ def _is_sqlite_file(path: Path) -> bool:
         return fh.read(16) == b"SQLite format 3\x00"
 
 
+def journal_note(workers: int) -> str:
+    """The line saying why several workers use the journal file by default."""
+    return (
+        f"==> WORKERS={workers}: using the journal file {DEFAULT_JOURNAL} as Optuna "
+        f"storage (parallel writers; SQLite is for one process). --storage / STORAGE= "
+        "chooses another (a PostgreSQL/MySQL URL for several machines)"
+    )
+
+
 def resolve_storage(
     storage: str | None = None, workers: int = 1, announce: bool = True
 ) -> StudyStorage:
@@ -130,13 +139,7 @@ def resolve_storage(
         if workers <= 1:
             return StudyStorage(DEFAULT_STORAGE, "rdb")
         if announce:
-            print(
-                f"==> WORKERS={workers}: using the journal file {DEFAULT_JOURNAL} as Optuna "
-                f"storage (parallel writers; SQLite is for one process). --storage / STORAGE= "
-                "chooses another (a PostgreSQL/MySQL URL for several machines)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(journal_note(workers), file=sys.stderr, flush=True)
         return StudyStorage(DEFAULT_JOURNAL, "journal")
     if "://" in storage:
         if storage.startswith("sqlite:") and workers > 1:

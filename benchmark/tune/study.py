@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from benchmark.config import ConfigError, load_config, resolve_profile
+from benchmark.config import ConfigError, announce_profile, load_config, resolve_profile
 from benchmark.core.errors import with_type
 from benchmark.core.schema import DESCRIPTION_TAG, METHOD_TAG, RUN_KIND_TAG, STAGE_TAG, quote
 from benchmark.tune import DEFAULT_STORAGE, TuneError
@@ -24,7 +24,7 @@ from benchmark.tune.definition import STUDY_ATTR, TuneConfig, prunable_after
 from benchmark.tune.objective import Evaluator, fmt
 from benchmark.tune.plots import state_counts, write_plots
 from benchmark.tune.schema import load_tune_config
-from benchmark.tune.storage import StudyStorage, quiet_optuna, resolve_storage
+from benchmark.tune.storage import StudyStorage, journal_note, quiet_optuna, resolve_storage
 from benchmark.tune.worker import WorkerSpec, counts, optimize, spawn_workers, systematic
 
 if TYPE_CHECKING:
@@ -253,14 +253,17 @@ def run_study(
         raise ConfigError("several workers need the evaluator as an importable 'module:function'")
     quiet_optuna()
     concrete, why = resolve_profile(profile)
-    print(f"==> profile: {concrete} ({why})", file=sys.stderr, flush=True)
     tune = load_tune_config(method, concrete, config_files, overrides, tune_files)
     name = study_name or f"{method}-{concrete}"
-    store = resolve_storage(storage, workers)
+    store = resolve_storage(storage, workers, announce=False)
+    t = tune.tracking
+    tracker = Tracker(t["experiment"], t["uri"], t["artifact_root"])  # the store checked
     opened = store.open()
     study = open_study(name, store, tune, opened)
-    t = tune.tracking
-    tracker = Tracker(t["experiment"], t["uri"], t["artifact_root"])
+    # only now, so that a refused input prints just its error line
+    announce_profile(concrete, why)
+    if storage is None and workers > 1:
+        print(journal_note(workers), file=sys.stderr, flush=True)
     fail_dead_trials(study, opened, tracker)
     first = len(study.trials)
     taken, _ = counts(study.trials, first)
