@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="score any torchvision-format ResNet-18 weights with the transfer stage",
     )
-    fine.add_argument("--weights", required=True, type=Path, help="backbone state_dict (.pth)")
+    fine.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        help="ResNet-18 weights: a torchvision state_dict (.pth) or a detectron2 .pkl",
+    )
     fine.set_defaults(method="random")
     _add_run_options(fine, method_required=False)
 
