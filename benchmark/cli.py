@@ -9,9 +9,11 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from benchmark import __version__
 from benchmark.core.errors import UserError, one_line
@@ -579,7 +581,54 @@ def _ui(args: argparse.Namespace) -> int:
     return launch(cmd)
 
 
+#: The stop signals besides Ctrl-C that end a command as Ctrl-C does: a plain ``kill``
+#: (systemd, docker stop, a batch scheduler) and a closed terminal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does: the run_status guards end
+    the runs KILLED and the command exits 130 with its "interrupted" line (killed outright,
+    its MLflow runs stayed RUNNING until a re-run). An ignored signal stays ignored
+    (``nohup`` keeps SIGHUP off). Only the first one raises, so the clean-up it starts (runs
+    ended KILLED) is not cut short by a second KeyboardInterrupt; a second signal kills at
+    once (the default), so a clean-up that hangs can still be stopped. The handlers in place
+    before are put back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for s in STOP_SIGNALS:
+            if s in previous:
+                signal.signal(s, signal.SIG_DFL)
+        # A signal to the whole group (``kill -- -PGID``, systemd) also ends the DataLoader
+        # workers (PyTorch's own SIGTERM handler there), and PyTorch's SIGCHLD handler would
+        # then raise "worker killed by signal" into the clean-up below, ending the runs
+        # FAILED with a traceback. Their end is this stop's, not a failure. (CPython runs
+        # pending handlers by signal number, so this one comes before that SIGCHLD's.)
+        previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+        raise KeyboardInterrupt
+
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, on_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():  # None: set outside Python, nothing to restore
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; SIGTERM and SIGHUP end it as Ctrl-C does (runs KILLED, exit 130)."""
+    with _stop_signals_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

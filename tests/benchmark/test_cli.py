@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -333,3 +334,96 @@ def test_ctrl_c_of_the_ui_launcher_waits_for_a_stubborn_server_to_be_killed():
         assert wait_gone(processes, 10) == set()
     finally:
         kill_tree(launcher, processes)
+
+
+def _runs(uri: str) -> dict[str, str]:
+    """Status of every run in the suite's experiment, keyed by its stage tag (parent: '')."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("concl-bench")
+    runs = client.search_runs([exp.experiment_id])
+    return {r.data.tags.get("stage", "") + f"#{i}": r.info.status for i, r in enumerate(runs)}
+
+
+@needs_proc
+@pytest.mark.parametrize("group", [False, True], ids=["process", "group"])
+def test_sigterm_to_a_pretraining_ends_its_runs_killed_and_a_rerun_finishes(
+    group: bool, tiny_overrides, tmp_path: Path
+):
+    """A plain SIGTERM (or SIGHUP) to a single-process concl-bench killed it outright: its
+    pre-training and parent runs stayed RUNNING until a re-run. Now it ends as Ctrl-C does:
+    one "interrupted" line, exit 130, both runs KILLED, its DataLoader workers gone; the
+    same command then resumes and finishes both runs. To the whole group (``kill --
+    -PGID``, systemd) the workers die of it too, which PyTorch reported as a worker failure
+    into the clean-up (runs FAILED, a traceback)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "benchmark", "pretrain", "-m", "mocov2", "--profile", "demo"]
+    argv += tiny_overrides(tmp_path / "out", "pretrain.epochs=5", "data.num_workers=2")
+    env = {**os.environ, "CI": "1", "MLFLOW_TRACKING_URI": uri}
+    err = tmp_path / "err.txt"
+    with open(err, "wb") as stderr:  # a file: a full pipe would block it
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=group,  # its own group, as a terminal's foreground job
+        )
+    processes: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "out").glob("mocov2-*/epoch_0000001.pth")):
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epoch-1 checkpoint in 180 s"
+            time.sleep(0.05)
+        processes = descendants(proc.pid)
+        assert len(processes) >= 2  # the two persistent loader workers
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, err.read_text()[-3000:]
+        lines = err.read_text().strip().splitlines()
+        assert [line for line in lines if "interrupted" in line] == [lines[-1]]
+        assert lines[-1].startswith("interrupted: checkpoints written so far are kept")
+        assert "Traceback" not in err.read_text()
+        assert sorted(_runs(uri).values()) == ["KILLED", "KILLED"]  # parent and pre-training
+        assert wait_gone(processes, 30) == set()
+    finally:
+        kill_tree(proc, processes)
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 5/5:" in again.stderr and "epoch 1/5:" not in again.stderr  # resumed
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    assert sorted(_runs(uri).values()) == ["FINISHED", "FINISHED"]
+
+
+def test_stop_signals_raise_keyboard_interrupt_once_and_ignored_ones_stay_ignored():
+    """SIGTERM and SIGHUP act as Ctrl-C in main(); a SIGHUP ignored (nohup) stays ignored;
+    after the first signal a second one takes its default action; all is put back after."""
+    from benchmark.cli import _stop_signals_interrupt
+
+    def interrupted_by(signum: int) -> bool:
+        with contextlib.suppress(KeyboardInterrupt), _stop_signals_interrupt():
+            os.kill(os.getpid(), signum)
+            time.sleep(1)  # the handler runs at the next bytecode
+            return False
+        return True
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD)}
+    previous_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert not interrupted_by(signal.SIGHUP)  # as under nohup
+        assert interrupted_by(signal.SIGTERM)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert interrupted_by(signal.SIGHUP)
+        with pytest.raises(KeyboardInterrupt), _stop_signals_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            finally:  # the clean-up the first signal started: a second one is the default
+                assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+    assert {s: signal.getsignal(s) for s in before} == before
