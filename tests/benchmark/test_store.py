@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.tracking import Tracker, TrackingError
+import benchmark.tracking as tracking
+from benchmark.tracking import Tracker, TrackingError, store_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,67 @@ def test_a_store_under_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert message.startswith(f"cannot create the folder {blocker / 'sub'} of the tracking store")
     assert "set MLFLOW_TRACKING_URI (or tracking.uri) to a writable place" in message
     assert blocker.read_text() == "x"
+
+
+def _uncreatable_folder() -> Path:
+    """An existing folder where no file can be made, though ``os.access`` may say yes (root)."""
+    folder = Path("/proc")
+    probe = folder / "concl-probe.lock"
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError:
+        return folder
+    probe.unlink()
+    pytest.skip("/proc accepts new files here")
+
+
+def test_a_store_where_no_file_can_be_made_is_one_line_at_once(monkeypatch: pytest.MonkeyPatch):
+    """``sqlite:////proc/mlflow.db``: filelock took the lock file it could not create for one
+    held by another process, waited 120 s and blamed that process."""
+    folder = _uncreatable_folder()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    message = _refused(uri, monkeypatch, seconds=5.0)
+    assert message.startswith(
+        f"the folder {folder} of the tracking store {uri} is not writable (cannot create the "
+        f"lock file {folder / 'mlflow.db.lock'}: "
+    )
+    assert message.endswith(
+        "set MLFLOW_TRACKING_URI (or tracking.uri) to a writable place, e.g. "
+        "sqlite:///mlruns/mlflow.db"
+    )
+
+
+def test_the_lock_timeout_tells_an_uncreatable_file_from_a_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Past the checks (a folder that turned unwritable, a lock held by a hung set-up), the
+    timeout says which of the two it was."""
+    monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.3)
+    folder = _uncreatable_folder()
+    with pytest.raises(TrackingError) as exc, store_lock(f"sqlite:///{folder / 'mlflow.db'}"):
+        pass
+    assert str(exc.value).startswith(f"cannot create the lock file {folder / 'mlflow.db.lock'} (")
+    db = tmp_path / "mlflow.db"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; "
+            "lock = FileLock(sys.argv[1]); lock.acquire(); print(flush=True); time.sleep(60)",
+            f"{db}.lock",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "\n"  # it holds
+        with pytest.raises(TrackingError) as exc, store_lock(f"sqlite:///{db}"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(exc.value).startswith(f"{db}.lock is held by another process, which has been")
+    assert str(exc.value).endswith("wait for it to finish (or end it) and run again")
 
 
 def test_a_file_that_is_not_a_database_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
