@@ -3,7 +3,10 @@
 
 ``export_detectron2`` turns ``backbone.pth`` into the ``.pkl`` that ConCL's ``run.sh`` passes as
 ``MODEL.WEIGHTS``; ``import_detectron2`` reads such a ``.pkl`` (ours, ConCL's, or the ``_pcl``
-variant with ``module.encoder_q.`` keys) back into a torchvision ResNet ``state_dict``.
+variant with ``module.encoder_q.`` keys) back into a torchvision ResNet ``state_dict``. Both
+write atomically beside the user's file (``_write_target``): a kill leaves the target as it
+was, a full disk is one ``DiskFullError`` line, and the next write of the target removes the
+temporary file a killed one left.
 
 The pickle stores its arrays through ``numpy.frombuffer``/``array``/``reshape`` instead of
 NumPy 2's default ``numpy._core.multiarray._reconstruct``: NumPy older than 1.26.1 (typical of
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +191,20 @@ def export_detectron2(backbone_pth: Path, out_pkl: Path) -> None:
         with open(tmp, "wb") as fh:
             _PortablePickler(fh, protocol=4).dump(obj)  # protocol 4: Python >= 3.4
 
-    atomic_write(out_pkl, write)
+    _write_target(out_pkl, write)
+
+
+def _write_target(path: Path, write: Callable[[str], None]) -> None:
+    """``atomic_write`` into a folder of the user's, after removing the temporary files a
+    killed write of this same target left (``.<name>.XXXXXXXX.tmp``). Only this target's are
+    touched: the folder is not ours (``remove_stale_temps`` would clear every writer's), and
+    one command writes a given target at a time."""
+    stale = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    if path.parent.is_dir():
+        for old in path.parent.iterdir():
+            if stale.fullmatch(old.name) and old.is_file():
+                old.unlink(missing_ok=True)
+    atomic_write(path, write)
 
 
 #: Globals a detectron2 weight pickle may reference (NumPy 1.x/2.x arrays, ours included).
@@ -250,4 +267,9 @@ def import_detectron2(pkl: Path, out_pth: Path) -> None:
     dict) as a torchvision ``state_dict`` that :func:`~benchmark.transfer.model.load_backbone`
     reads (which also reads the ``.pkl`` itself)."""
     state = read_detectron2(pkl)
-    atomic_write(Path(out_pth), lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a full disk is then an OSError, not torch's RuntimeError
+            torch.save(state, fh)
+
+    _write_target(Path(out_pth), write)

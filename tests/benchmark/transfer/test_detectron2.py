@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import pickle
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+from benchmark.training.checkpoints import DiskFullError
 from benchmark.transfer.detectron2 import (
     export_detectron2,
     from_detectron2,
@@ -83,6 +86,48 @@ def test_export_writes_a_detectron2_pickle(
         model["res5.1.conv2.weight"], resnet_state["layer4.1.conv2.weight"]
     )
     assert list(tmp_path.joinpath("d2").iterdir()) == [out]  # atomic: no temporary left
+
+
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_write_into_the_users_folder_is_atomic(
+    tmp_path: Path, backbone_pth: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A kill inside the write leaves the user's file as it was and a temporary file, which
+    the next write of that target removes (others' temporary files stay); a full disk is one
+    ``DiskFullError`` line and leaves no temporary file."""
+    pkl = tmp_path / "src.pkl"
+    export_detectron2(backbone_pth, pkl)
+    out = tmp_path / "user" / ("backbone.pkl" if command == "export" else "backbone.pth")
+    out.parent.mkdir()
+    out.write_bytes(b"the user's previous file")
+    kept = out.parent / ".notes.txt.abcd1234.tmp"  # another target's: not ours to remove
+    kept.write_text("x")
+    killed = out.parent / f".{out.name}.k1ll3d_x.tmp"  # what a kill -9 inside the write left
+    killed.write_bytes(b"half a pickle")
+
+    def write() -> None:
+        if command == "export":
+            export_detectron2(backbone_pth, out)
+        else:
+            import_detectron2(pkl, out)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", full)
+        with pytest.raises(DiskFullError) as err:
+            write()
+    assert str(err.value).startswith(f"disk full while writing {out}: free space under ")
+    assert "\n" not in str(err.value)
+    assert out.read_bytes() == b"the user's previous file"
+    assert sorted(out.parent.iterdir()) == sorted([out, kept])  # the stale temp went too
+
+    killed.write_bytes(b"half a pickle")
+    write()
+    assert sorted(out.parent.iterdir()) == sorted([out, kept])
+    assert kept.read_text() == "x"
+    assert read_backbone_state_dict(out).keys() == read_backbone_state_dict(pkl).keys()
 
 
 def test_pickle_loads_without_numpy2_module_names(tmp_path: Path, backbone_pth: Path) -> None:
