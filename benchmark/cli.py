@@ -375,8 +375,9 @@ def check_writable(path: Path, what: str, fix: str) -> None:
 
 def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
     """Every check that needs no work, before any: weights, the folders the run will write,
-    the data it will read and batches that fit it. A failure here is one line and leaves the
-    MLflow store and every folder as they were."""
+    the data it will read and batches that fit it, the results and checkpoints of an earlier
+    run it will read back. A failure here is one line and leaves the MLflow store and every
+    folder as they were."""
     from benchmark.core.registry import get_method
     from benchmark.training.distributed import resolve_device
 
@@ -398,6 +399,7 @@ def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
         for key in ("train_root", "test_root"):
             if not _complete(t[key]):
                 check_writable(Path(t[key]), f"probe.tissue.{key}", f"a writable {key}")
+    _check_read_back(cfg, weights)
 
 
 def _complete(root: str | Path) -> bool:
@@ -433,6 +435,32 @@ def _check_pretrain_data(cfg: DictConfig) -> None:
             f"pretrain.batch_size={batch} is larger than the {count} pre-training images in "
             f"{d.root}: lower pretrain.batch_size to at most {count}, or add images"
         )
+
+
+def _check_read_back(cfg: DictConfig, weights: Path | None) -> None:
+    """What a benchmark reads back of an earlier run: every probe's and (dataset, seed)'s
+    ``metrics.json``, and the newest ``iter_*.pth`` of each seed not scored yet (the one its
+    resume loads). Damaged, they stopped it only once pre-training and the probes had run
+    (with its runs set RUNNING); the paths need nothing but the config (and the weights'
+    digest). Only a seed a kill stopped has a checkpoint without ``metrics.json``: about
+    one torch.load on the CPU (model and optimizer, ~0.25 GB; under a second)."""
+    from benchmark.pipeline import probe_dir, transfer_dir
+    from benchmark.probe.stage import scored_probes
+    from benchmark.training.checkpoints import CheckpointManager, load_checkpoint
+    from benchmark.transfer.finetune import read_metrics
+
+    external = weights is not None
+    if cfg.probe.probes:
+        scored_probes(cfg, probe_dir(cfg, weights, external))
+    base = transfer_dir(cfg, weights, external)
+    for name in cfg.finetune.datasets:
+        for seed in range(1, cfg.finetune.seeds + 1):
+            out_dir = base / name / f"seed{seed}"
+            if read_metrics(out_dir) is not None:
+                continue
+            latest = CheckpointManager(out_dir, "iter", writer=False).latest()
+            if latest is not None:  # the keys finetune() resumes from
+                load_checkpoint(latest, ("model", "optimizer", "iteration"))
 
 
 def _check_transfer_data(cfg: DictConfig, name: str) -> None:

@@ -45,6 +45,45 @@ def jobs(cfg: DictConfig) -> list[tuple[str, str]]:
     ]
 
 
+def read_metrics(where: Path, ds: str, probe: str) -> dict[str, float] | None:
+    """The scores of a finished (dataset, probe, seed) in ``where``, None when not scored
+    yet. ``metrics.json`` present means finished, so one that does not parse or lacks a
+    metric of its probe is a one-line ``CheckpointError`` saying to delete it (it was a
+    traceback), raised before its run is touched."""
+    path = Path(where) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # a bad UTF-8 byte is a ValueError too
+        reason = f"cannot be read: {type(exc).__name__}"
+    else:
+        if not isinstance(metrics, dict):
+            reason = f"holds a {type(metrics).__name__}, not the probe's scores"
+        else:
+            missing = [
+                m
+                for m in PROBES[(ds, probe)]
+                if isinstance(metrics.get(m), bool) or not isinstance(metrics.get(m), int | float)
+            ]
+            if not missing:
+                return metrics
+            reason = f"has no {', '.join(missing)}"
+    raise ckpt.CheckpointError(f"{path} is damaged ({reason}): delete it to re-run that probe")
+
+
+def scored_probes(
+    cfg: DictConfig, out_dir: Path
+) -> dict[tuple[int, str, str], dict[str, float] | None]:
+    """``read_metrics`` of every (seed, dataset, probe) of ``cfg`` under ``out_dir``, all
+    before any probe runs: a damaged one stops the stage with nothing changed."""
+    return {
+        (seed, ds, probe): read_metrics(out_dir / ds / probe / f"seed{seed}", ds, probe)
+        for seed in range(1, probe_seeds(cfg) + 1)
+        for ds, probe in jobs(cfg)
+    }
+
+
 def aggregate(per_seed: dict[tuple[str, str], list[dict[str, float]]]) -> dict[str, float]:
     """``<dataset>_<probe>_<metric>_mean`` / ``_std`` (sample; 0 for one seed) and
     ``<dataset>_<probe>_seeds``."""
@@ -150,6 +189,7 @@ def run_probes(
     if not world.is_main or not cfg.probe.probes:
         return {}
     wanted = jobs(cfg)
+    scores = scored_probes(cfg, out_dir)
     if any(ds == "tissue" for ds, _ in wanted):
         if cfg.probe.tissue.synthetic:
             tissue.ensure_synthetic(cfg)
@@ -159,14 +199,16 @@ def run_probes(
     for seed in range(1, probe_seeds(cfg) + 1):
         for ds, probe in wanted:
             where = out_dir / ds / probe / f"seed{seed}"
-            scored = (where / METRICS_FILE).is_file()
-            child, done = open_probe_run(tracker, parent_id, cfg, ds, probe, seed, weights, scored)
-            if done:
-                per_seed[(ds, probe)].append(json.loads((where / METRICS_FILE).read_text()))
+            scored = scores[(seed, ds, probe)]
+            child, done = open_probe_run(
+                tracker, parent_id, cfg, ds, probe, seed, weights, scored is not None
+            )
+            if done and scored is not None:
+                per_seed[(ds, probe)].append(scored)
                 continue
             with run_status(tracker, child):
-                if scored:  # stopped after its metrics.json, before its run ended
-                    metrics = json.loads((where / METRICS_FILE).read_text())
+                if scored is not None:  # stopped after its metrics.json, before its run ended
+                    metrics = scored
                     tracker.log_metrics(child, metrics, step=0)
                     per_seed[(ds, probe)].append(metrics)
                     continue

@@ -154,6 +154,29 @@ def _list_checkpoint(tmp: Path, _: Path) -> None:
     torch.save([1, 2, 3], CheckpointManager(folder, "epoch").path(2))
 
 
+def _read_back(where: str, content: bytes | None = None, state: object = None) -> Callable:
+    """A set-up that leaves, as an earlier run would, ``content`` (or ``torch.save`` of
+    ``state``) at ``where`` below the folders ``_bench()``'s benchmark reads back:
+    ``probe/<dataset>/<probe>/seed<k>/…`` or ``finetune/<dataset>/seed<k>/…``."""
+
+    def setup(tmp: Path, _: Path) -> None:
+        from benchmark.config import load_config
+        from benchmark.pipeline import probe_dir, transfer_dir
+
+        overrides = tuple(a.format(tmp=tmp) for a in _roots())
+        cfg = load_config("random", DEMO, overrides=overrides, announce=False)
+        stage, _, rest = where.partition("/")
+        folder = probe_dir if stage == "probe" else transfer_dir
+        path = folder(cfg, None, False) / rest
+        path.parent.mkdir(parents=True)
+        if content is not None:
+            path.write_bytes(content)
+        else:
+            torch.save(state, path)
+
+    return setup
+
+
 def _bad_yaml(tmp: Path, _: Path) -> None:
     (tmp / "bad.yaml").write_text("pretrain: [unclosed\n")
 
@@ -289,6 +312,24 @@ CASES = [
     Case("newest checkpoint not a dict", _pretrain(),
          ("epoch_0000002.pth holds a list, not a training checkpoint",
           "move it aside to resume from the previous one"), _list_checkpoint),
+    Case("damaged probe metrics.json of an earlier run", _bench(),
+         ("tissue/knn/seed1/metrics.json is damaged (cannot be read: JSONDecodeError)",
+          "delete it to re-run that probe"),
+         _read_back("probe/tissue/knn/seed1/metrics.json", b'{"balanced_accuracy": 0.5')),
+    Case("probe metrics.json without its scores", _bench(),
+         ("glas/dense/seed2/metrics.json is damaged (has no dice)",
+          "delete it to re-run that probe"),
+         _read_back("probe/glas/dense/seed2/metrics.json", b'{"iou": 0.5}')),
+    Case("damaged fine-tune metrics.json, found before pre-training", _bench(),
+         ("glas/seed1/metrics.json has no bbox_AP", "delete it to score this fine-tune again"),
+         _read_back("finetune/glas/seed1/metrics.json", b"[]")),
+    Case("truncated fine-tune checkpoint, found before pre-training", _bench(),
+         ("crag/seed1/iter_0000004.pth cannot be read",
+          "move it aside to resume from the previous one"),
+         _read_back("finetune/crag/seed1/iter_0000004.pth", b"PK\x03\x04 cut short")),
+    Case("pre-training checkpoint where a fine-tune's belongs", _bench(),
+         ("iter_0000004.pth lacks model, optimizer, iteration: not a checkpoint of this stage",),
+         _read_back("finetune/glas/seed1/iter_0000004.pth", state={"epoch": 1})),
     Case("unknown tracking scheme", _pretrain(),
          ("MLflow cannot use the tracking store 'foo://somewhere/db'",
           "set MLFLOW_TRACKING_URI (or tracking.uri) to a sqlite:///path/mlflow.db file"),

@@ -427,3 +427,68 @@ def test_stop_signals_raise_keyboard_interrupt_once_and_ignored_ones_stay_ignore
     finally:
         signal.signal(signal.SIGHUP, previous_hup)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time) of every file under ``root``."""
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+    }
+
+
+def test_damaged_results_and_checkpoints_read_back_stop_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A finished tiny benchmark (probes and one fine-tune seed), then what a re-run reads
+    back, damaged: a probe's metrics.json (a traceback before), the seed's metrics.json and,
+    with that one gone, the fine-tune checkpoint its resume loads (found only once
+    pre-training and the probes had run). Each is one line from the pre-flight, exit 2,
+    before any run or file is touched: so the pre-flight's paths are the run's."""
+    from tests.benchmark._tiny import TINY_FINETUNE
+    from tests.benchmark.probe.test_stage import TINY_PROBE
+
+    argv = [
+        "benchmark", "-m", "random", "--profile", "demo", f"output_root={tmp_path / 'out'}",
+        f"finetune.glas.raw_root={tmp_path / 'raw'}", f"finetune.glas.root={tmp_path / 'coco'}",
+        f"probe.tissue.train_root={tmp_path / 'ptrain'}",
+        f"probe.tissue.test_root={tmp_path / 'ptest'}", "finetune.seeds=1",
+        "finetune.datasets=[glas]", *TINY_FINETUNE, *TINY_PROBE, "probe.probes=[knn,dense]",
+        "probe.seeds=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("concl-bench")
+
+    def runs() -> list[tuple[str, str, int | None]]:
+        found = client.search_runs([exp.experiment_id])
+        return sorted((r.info.run_id, r.info.status, r.info.end_time) for r in found)
+
+    before_runs = runs()
+    assert [status for _, status, _ in before_runs] == ["FINISHED"] * 4  # parent, 2 probes, 1 seed
+    (knn,) = (tmp_path / "out").rglob("probe-*/tissue/knn/seed1/metrics.json")
+    (seed,) = (tmp_path / "out").rglob("finetune-*/glas/seed1/metrics.json")
+    (checkpoint,) = seed.parent.glob("iter_*.pth")
+
+    def refused(path: Path, damaged: bytes, line: str) -> None:
+        good = path.read_bytes()
+        path.write_bytes(damaged)
+        files = _tree(tmp_path)
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
+        assert path.read_bytes() == damaged and _tree(tmp_path) == files
+        assert runs() == before_runs
+        path.write_bytes(good)
+
+    fix = "delete it to re-run that probe"
+    refused(knn, b'{"balanced_accuracy": 1', f"{knn} is damaged (cannot be read: "
+            f"JSONDecodeError): {fix}")  # fmt: skip
+    refused(knn, b'{"macro_f1": 1.0}', f"{knn} is damaged (has no balanced_accuracy): {fix}")
+    refused(seed, b"[]", f"{seed} has no bbox_AP: delete it to score this fine-tune again "
+            "from its newest checkpoint")  # fmt: skip
+    aside = seed.rename(tmp_path / "metrics.json")
+    refused(checkpoint, checkpoint.read_bytes()[:1000], f"checkpoint {checkpoint} cannot be read "
+            "(RuntimeError); move it aside to resume from the previous one")  # fmt: skip
+    aside.rename(seed)
+    assert main(argv) == 0  # all good again: a finished benchmark, nothing re-run
+    assert runs() == before_runs

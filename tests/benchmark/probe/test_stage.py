@@ -119,3 +119,31 @@ def test_missing_tissue_data_is_one_line_that_says_where(tmp_path: Path):
     with pytest.raises(DatasetError, match="probe.probes=\\[dense\\]") as info:
         run_benchmark(cfg, World())
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"dice": 0.5', "cannot be read: JSONDecodeError"),
+        (b"\xff\xfe", "cannot be read: UnicodeDecodeError"),
+        (b"[0.5]", "holds a list, not the probe's scores"),
+        (b'{"dice": 0.5}', "has no iou"),
+        (b'{"dice": "high", "iou": true}', "has no dice, iou"),
+    ],
+)
+def test_a_damaged_metrics_json_is_one_line_saying_to_delete_it(
+    tmp_path: Path, content: bytes, reason: str
+):
+    """Read back with json.loads, a damaged probe result was a traceback."""
+    from benchmark.probe.stage import METRICS_FILE, read_metrics
+    from benchmark.training.checkpoints import CheckpointError
+
+    assert read_metrics(tmp_path, "glas", "dense") is None  # not scored yet
+    (tmp_path / METRICS_FILE).write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_metrics(tmp_path, "glas", "dense")
+    assert str(info.value) == (
+        f"{tmp_path / METRICS_FILE} is damaged ({reason}): delete it to re-run that probe"
+    )
+    (tmp_path / METRICS_FILE).write_text('{"dice": 50.0, "iou": 40, "train_images": 2}')
+    assert read_metrics(tmp_path, "glas", "dense") == {"dice": 50.0, "iou": 40, "train_images": 2}
