@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import warnings
@@ -39,12 +38,8 @@ from torch.utils.data import Dataset
 
 from benchmark.core.errors import with_type as _one_line
 from benchmark.data.markers import (
-    MARKER_NAME,
-    WRITE_ERRNOS,
-    make_parents,
+    publish,
     read_marker,
-    remove_made,
-    write_error,
 )
 from benchmark.data.pretrain import IMAGE_EXTENSIONS, DatasetError
 
@@ -352,38 +347,13 @@ def _convert(dataset: str, raw_root: Path, out_root: Path, scan) -> Path:
                 f"{out_root} exists but is not a {dataset} conversion made by this code: "
                 "delete it or choose another output folder"
             )
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = out_root.parent / f".{out_root.name}.partial-{tag}"
-    made: list[Path] = []
-    try:
-        made = make_parents(out_root)
-        tmp.mkdir()
-    except OSError as exc:
-        remove_made(made)
-        raise write_error(out_root, exc) from exc
-    try:
-        _convert_into(tmp, dataset, pairs)
-        (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
-        old = out_root.parent / f".{out_root.name}.stale-{tag}"
-        if stale:
-            os.rename(out_root, old)
-        try:
-            os.rename(tmp, out_root)  # atomic; also replaces an empty folder
-        except OSError:
-            if read_marker(out_root) == wanted:  # a concurrent conversion finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out_root
-            raise
-        finally:
-            if stale:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
-        remove_made(made)
-        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-            raise write_error(out_root, exc) from exc
-        raise
-    return out_root
+    return publish(
+        out_root,
+        wanted,
+        lambda tmp: _convert_into(tmp, dataset, pairs),
+        lambda: read_marker(out_root) == wanted,
+        replace_stale=stale,
+    )
 
 
 def _read_or_refuse(path: Path, read: Callable[[Path], Any], what: str, dataset: str) -> Any:

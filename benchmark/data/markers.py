@@ -58,15 +58,22 @@ def refuse_existing(root: Path, wanted: dict[str, Any], incomplete: str = "") ->
 
 
 def publish(
-    root: Path, wanted: dict[str, Any], fill: Callable[[Path], None], done: Callable[[], bool]
+    root: Path,
+    wanted: dict[str, Any],
+    fill: Callable[[Path], None],
+    done: Callable[[], bool],
+    replace_stale: bool = False,
 ) -> Path:
     """Build into a hidden sibling folder, write the marker last, rename into place.
 
     An interrupted run never leaves something that looks finished; ``done()`` tells whether
     a concurrent writer finished the same set first (then ours is discarded). The sibling
     is on the same file system, so the rename is atomic, and ``mkdir`` honours the umask.
+    ``replace_stale``: ``root`` holds this code's own earlier, outdated build (the caller
+    checked its marker); it is moved aside just before the rename and removed after.
     """
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = root.parent / f".{root.name}.partial-{tag}"
     made: list[Path] = []
     try:
         made = make_parents(root)
@@ -77,6 +84,9 @@ def publish(
     try:
         fill(tmp)
         (tmp / MARKER_NAME).write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
+        old = root.parent / f".{root.name}.stale-{tag}"
+        if replace_stale:
+            os.rename(root, old)
         try:
             os.rename(tmp, root)  # also replaces an empty folder at root
         except OSError:
@@ -84,6 +94,9 @@ def publish(
                 shutil.rmtree(tmp, ignore_errors=True)
                 return root
             raise
+        finally:
+            if replace_stale:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own partial folder
         remove_made(made)
