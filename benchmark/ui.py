@@ -146,6 +146,9 @@ def _die_with_parent(signum: int) -> Callable[[], None] | None:
     parent = os.getpid()
 
     def arm() -> None:
+        # A shell starts background jobs (`cmd &`) with SIGINT ignored, and children inherit
+        # that: the stop signal must reach them whatever the supervisor was started with.
+        signal.signal(signum, signal.SIG_DFL)
         prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
         if os.getppid() != parent:  # died before the line above: nobody is left to stop us
             os._exit(128 + signum)
