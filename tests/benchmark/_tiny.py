@@ -24,3 +24,15 @@ TINY_FINETUNE = (
     "finetune.glas.min_size_test=96",
     "finetune.glas.max_size=128",
 )
+
+#: A tissue probe on the smallest synthetic sets that still hold every class (tests only).
+TINY_TISSUE_PROBE = (
+    "probe.batch_size=16",
+    "probe.num_workers=0",
+    "probe.tissue.synthetic=true",
+    "probe.tissue.synthetic_train=27",
+    "probe.tissue.synthetic_test=9",
+    "probe.tissue.synthetic_size=32",
+    "probe.tissue.train_per_class=2",
+    "probe.tissue.knn_k=3",
+)

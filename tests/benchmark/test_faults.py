@@ -33,7 +33,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.benchmark._tiny import TINY_FINETUNE
+from tests.benchmark._tiny import TINY_FINETUNE, TINY_TISSUE_PROBE
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "concl-bench"
@@ -57,14 +57,7 @@ OVERRIDES = (
     "method.queue_size=64",
     "probe.probes=[knn]",
     "probe.seeds=1",
-    "probe.batch_size=16",
-    "probe.num_workers=0",
-    "probe.tissue.synthetic=true",
-    "probe.tissue.synthetic_train=27",
-    "probe.tissue.synthetic_test=9",
-    "probe.tissue.synthetic_size=32",
-    "probe.tissue.train_per_class=2",
-    "probe.tissue.knn_k=3",
+    *TINY_TISSUE_PROBE,
 )
 #: Metrics that measure time, not training: they differ between any two runs.
 _TIMED = ("time", "per_sec")

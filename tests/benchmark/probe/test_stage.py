@@ -15,19 +15,12 @@ from benchmark.core.contracts import World
 from benchmark.core.schema import PROBE_PER_IMAGE_FILE
 from benchmark.pipeline import run_benchmark
 from benchmark.probe.features import build_trunk
-from tests.benchmark._tiny import TINY_FINETUNE
+from tests.benchmark._tiny import TINY_FINETUNE, TINY_TISSUE_PROBE
 
 TINY_PROBE = (
     "probe.probes=[knn,linear,dense]",
     "probe.seeds=2",
-    "probe.batch_size=16",
-    "probe.num_workers=0",
-    "probe.tissue.synthetic=true",
-    "probe.tissue.synthetic_train=27",
-    "probe.tissue.synthetic_test=9",
-    "probe.tissue.synthetic_size=32",
-    "probe.tissue.train_per_class=2",
-    "probe.tissue.knn_k=3",
+    *TINY_TISSUE_PROBE,
     "probe.dense.size=64",
     "probe.dense.max_size=96",
     "probe.dense.iterations=5",
