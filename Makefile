@@ -25,7 +25,7 @@ DASHBOARD_PORT ?= 8080
 COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark finetune table test lint format bench gpu-check ui methods report \
+.PHONY: install data pretrain benchmark finetune table test lint format bench gpu-check ui methods report browser \
 	tune tune-best dashboard
 
 install: $(STAMP)
@@ -67,7 +67,14 @@ finetune: $(STAMP)
 methods: $(STAMP)
 	$(PY) -m benchmark methods
 
-test: $(STAMP)
+# Debian's Chromium and ChromeDriver, for the test that opens the MLflow UI in a real browser.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from benchmark import __version__
 from benchmark.core.errors import UserError, one_line
-from benchmark.core.schema import DATASETS
+from benchmark.core.schema import DATASETS, PORT_ENV, PROFILE_ENV
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -37,7 +37,7 @@ def _add_run_options(p: argparse.ArgumentParser, method_required: bool = True) -
     p.add_argument("--seeds", type=int, help="shorthand for finetune.seeds=N")
     p.add_argument(
         "--profile",
-        default=os.environ.get("PROFILE", "auto"),
+        default=os.environ.get(PROFILE_ENV, "auto"),
         help="paper | demo | auto (default: paper when real data is prepared, else demo)",
     )
     p.add_argument("--epochs", type=int, help="shorthand for pretrain.epochs=N")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dataset", help="glas, crag, or the path of a prepared COCO folder")
     for p in (prep, check):
-        p.add_argument("--profile", default=os.environ.get("PROFILE", "auto"))
+        p.add_argument("--profile", default=os.environ.get(PROFILE_ENV, "auto"))
         p.add_argument(
             "--raw-root",
             type=Path,
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument(
         "--weights",
         required=True,
-        type=Path,
-        help="ResNet-18 weights: a torchvision state_dict (.pth) or a detectron2 .pkl",
+        help="ResNet-18 weights: a torchvision state_dict (.pth), a detectron2 .pkl, or a "
+        "registered backbone models:/<name>/<version> (or models:/<name>@<alias>)",
     )
     fine.set_defaults(method="random")
     _add_run_options(fine, method_required=False)
@@ -174,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
             "their pre-training and fine-tuning runs nested; Ctrl-C stops the server."
         ),
     )
-    ui.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 5000))
+    ui.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"TCP port on 127.0.0.1 (default: ${PORT_ENV}, else 5000)",
+    )
     return parser
 
 
@@ -297,7 +302,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     under_torchrun = "LOCAL_RANK" in os.environ
     is_main = os.environ.get("RANK", "0") == "0"
     relaunch = args.gpus > 1 and not under_torchrun
-    weights = getattr(args, "weights", None)
+    weights_arg = getattr(args, "weights", None)
     with _checking():
         cfg = load_config(
             args.method, args.profile, tuple(args.config), tuple(overrides), announce=False
@@ -305,6 +310,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.gpus < 1:
             raise ConfigError(f"--gpus / GPUS must be >= 1 (got {args.gpus})")
         check_layout(cfg, int(os.environ.get("WORLD_SIZE", args.gpus)))
+        weights = _weights_path(cfg, weights_arg)
         _preflight(cfg, args.command, weights)
         if is_main:  # the store last: a fresh one is made here, once nothing else is wrong
             from benchmark.tracking import tracking_uri
@@ -371,6 +377,21 @@ def check_writable(path: Path, what: str, fix: str) -> None:
         ) from None
     with contextlib.suppress(OSError):  # the probe worked; at worst the folder's times moved
         os.utime(probe, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def _weights_path(cfg: DictConfig, weights: str | None) -> Path | None:
+    """``--weights`` as a file: a ``models:/`` URI is read from the registry of the tracking
+    store once (into ``output_root/registry/``), so the run scores the same file later."""
+    if weights is None:
+        return None
+    from benchmark.registry import fetch_backbone, is_model_uri
+
+    if not is_model_uri(weights):
+        return Path(weights)
+    from benchmark.tracking import tracking_uri
+
+    check_writable(Path(cfg.output_root), "output_root", "a writable output_root=…")
+    return fetch_backbone(tracking_uri(cfg.tracking.uri), weights, Path(cfg.output_root))
 
 
 def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
@@ -590,8 +611,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     from benchmark.config import ConfigError, TrackingConfig
-    from benchmark.ui import DEFAULT_HOST, port_in_use, server_command
+    from benchmark.ui import DEFAULT_HOST, experiment_id, port_in_use, server_command, ui_url
 
+    if args.port is None:
+        raw = os.environ.get(PORT_ENV) or "5000"
+        if not raw.isdigit():
+            raise ConfigError(f"{PORT_ENV}={raw!r} is not a TCP port: set it to 1-65535")
+        args.port = int(raw)
     if not 0 < args.port < 65536:
         raise ConfigError(f"PORT={args.port} is not a TCP port (1-65535)")
     if port_in_use(args.port):
@@ -600,10 +626,8 @@ def _ui(args: argparse.Namespace) -> int:
             f"open http://{DEFAULT_HOST}:{args.port} or pick another with PORT=…"
         )
     cmd = server_command(args.port, artifact_root=TrackingConfig.artifact_root)
-    print(
-        f"==> MLflow UI: http://{DEFAULT_HOST}:{args.port} (store {cmd[5]}); Ctrl-C stops it",
-        file=sys.stderr,
-    )
+    url = ui_url(args.port, experiment_id(cmd[5], TrackingConfig.experiment))
+    print(f"==> MLflow UI: {url} (store {cmd[5]}); Ctrl-C stops it", file=sys.stderr)
     from benchmark.ui import launch
 
     return launch(cmd)

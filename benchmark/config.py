@@ -108,6 +108,10 @@ class TrackingConfig:
     #: null = ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlruns/mlflow.db``.
     uri: str | None = None
     artifact_root: str = "mlruns/artifacts"
+    #: CPU/GPU utilisation and memory on training runs (``system/*``): null = on CUDA only.
+    system_metrics: bool | None = None
+    #: Seconds between two system-metric samples (MLflow's default).
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

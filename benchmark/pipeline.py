@@ -11,20 +11,24 @@ detector because they take seconds to minutes and say first whether the backbone
 from __future__ import annotations
 
 import hashlib
-import statistics
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from mlflow.entities import DatasetInput
 from omegaconf import DictConfig
 
 from benchmark.config import finetune_hash, pretrain_hash, probe_hash
 from benchmark.core.contracts import World
 from benchmark.core.registry import get_method
+from benchmark.core.schema import DATASET_TITLES
+from benchmark.lineage import coco_inputs
 from benchmark.pretrain import run_pretrain
 from benchmark.probe.stage import jobs as probe_jobs
 from benchmark.probe.stage import run_probes
 from benchmark.probe.tissue import check_roots as check_tissue_roots
+from benchmark.report.statistics import seed_summary
 from benchmark.report.table import results_table
+from benchmark.system_metrics import system_metrics
 from benchmark.tracking import (
     MlflowMetrics,
     open_finetune_run,
@@ -61,17 +65,27 @@ def probe_dir(cfg: DictConfig, weights: Path | None, external: bool) -> Path:
     return backbone_dir(cfg, weights, external) / f"probe-{probe_hash(cfg)}"
 
 
+def detection_inputs(cfg: DictConfig, name: str, world: World) -> list[DatasetInput]:
+    """The train and test sets of detection dataset ``name`` as MLflow inputs (rank 0; every
+    rank takes part in making the conversion on first use, as the fine-tune would)."""
+    root = prepare_dataset_for(cfg, name, world)
+    if not world.is_main:
+        return []
+    return coco_inputs(DATASET_TITLES[name], root, cfg.profile, cfg.finetune[name].synthetic)
+
+
 def aggregate(per_seed: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one seed) and count of the seeds' box and mask
-    AP per dataset: ``glas_bbox_AP_mean``, ``glas_bbox_AP_std``, ``glas_seeds``, …"""
+    """Mean, sample standard deviation (0 for one seed), the report's 95% interval over
+    seeds (from two seeds on) and count of the seeds' box and mask AP per dataset:
+    ``glas_bbox_AP_mean``, ``_std``, ``_ci_low``, ``_ci_high``, ``glas_seeds``, …"""
     out: dict[str, float] = {}
     for name, runs in per_seed.items():
         for metric in ("bbox_AP", "segm_AP"):
             values = [r[metric] for r in runs]
             if not values:
                 continue
-            out[f"{name}_{metric}_mean"] = statistics.fmean(values)
-            out[f"{name}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            for stat, value in seed_summary(values).items():
+                out[f"{name}_{metric}_{stat}"] = value
             out[f"{name}_seeds"] = float(len(values))
     return out
 
@@ -119,7 +133,7 @@ def run_benchmark(
                 cfg, world, weights, probe_dir(cfg, weights, external), tracker, parent, roots, say
             )
 
-        def one_seed(name: str, seed: int) -> dict[str, float]:
+        def one_seed(name: str, seed: int, inputs: list[DatasetInput]) -> dict[str, float]:
             """One (dataset, seed) fine-tune under its MLflow child; a finished one is read
             back from its ``metrics.json`` (a damaged one is a one-line CheckpointError
             saying to delete it, before its run is touched)."""
@@ -130,9 +144,13 @@ def run_benchmark(
             )
             if done and scored is not None:
                 return scored
+            tracker.log_inputs(child, inputs)
             final = cfg.finetune[name].iterations
             logger = MlflowMetrics(tracker, child, False, prefix="train_", final_step=final)
-            with run_status(tracker, child) as seed_outcome:
+            with (
+                run_status(tracker, child) as seed_outcome,
+                system_metrics(tracker.uri, child, cfg, world.device),
+            ):
                 result = finetune(
                     cfg, name, seed, weights, world, out_dir, [logger], stop_after_iter
                 )
@@ -146,10 +164,12 @@ def run_benchmark(
         stopped = False
         for name in cfg.finetune.datasets:
             per_seed[name] = []
+            inputs = detection_inputs(cfg, name, world)
+            tracker.log_inputs(parent, inputs)
             for seed in range(1, cfg.finetune.seeds + 1):
                 if stopped:
                     break
-                metrics = one_seed(name, seed)
+                metrics = one_seed(name, seed, inputs)
                 if metrics:
                     per_seed[name].append(metrics)
                     if on_seed is not None and not on_seed(name, seed, metrics):

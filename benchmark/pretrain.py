@@ -35,7 +35,11 @@ from benchmark.data.seeding import (
     epoch_batches,
     mix_seed,
 )
+from benchmark.lineage import pretrain_input
+from benchmark.registry import registered_name
+from benchmark.system_metrics import system_metrics
 from benchmark.tracking import (
+    REGISTERED_MODEL_TAG,
     MlflowMetrics,
     ParentRun,
     Tracker,
@@ -497,7 +501,14 @@ def _pretrain(
     # is RUNNING, everything is inside its status guard
     run_id = open_pretrain_run(tracker, parent_id, cfg, world, start_epoch)
     epochs, every = cfg.pretrain.epochs, cfg.pretrain.checkpoint_every
-    with run_status(tracker, run_id) as outcome:
+    with (
+        run_status(tracker, run_id) as outcome,
+        system_metrics(tracker.uri, run_id, cfg, world.device),
+    ):
+        if world.is_main:
+            data = [pretrain_input(dataset.root, dataset.paths, cfg.profile, cfg.data.synthetic)]
+            tracker.log_inputs(run_id, data)
+            tracker.log_inputs(parent_id, data)
         trainer.loop.events.callbacks.append(MlflowMetrics(tracker, run_id, per_epoch=True))
         say(
             f"==> pretrain: {cfg.method.name} {digest} | {len(dataset)} images, "
@@ -532,6 +543,13 @@ def _pretrain(
             export_backbone(method, backbone_path)
             tracker.log_artifact(run_id, backbone_path)
             tracker.log_artifact(run_id, directory / "config.yaml")
+            name = registered_name(cfg.method.name, epochs, cfg.profile)
+            version = tracker.register_backbone(
+                run_id, backbone_path, name, {"method": cfg.method.name, "pretrain_hash": digest}
+            )
+            if version is not None:
+                tracker.set_tags(parent_id, {REGISTERED_MODEL_TAG: f"{name}/{version}"})
+                say(f"==> pretrain: registered the backbone as models:/{name}/{version}")
         trainer.loop.events.on_done({})
         say(f"==> pretrain: done; backbone: {backbone_path}")
         barrier(world)

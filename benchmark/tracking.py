@@ -22,7 +22,6 @@ import math
 import os
 import sqlite3
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +34,7 @@ from urllib.parse import urlparse
 
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -63,11 +62,18 @@ from benchmark.core.schema import (
     benchmark_filter,
     child_filter,
 )
+from benchmark.lineage import source_tags
 from benchmark.training.loop import Callback
 from benchmark.training.schedules import scaled_lr
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
+#: MLflow 3's experiment tag that picks the UI's landing view: this kind opens on the
+#: training runs (the default for an untagged experiment is the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: ``<registered name>/<version>`` of the backbone a pre-training run registered.
+REGISTERED_MODEL_TAG = "registered_model"
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LENGTH = 6000
 #: How long a reachability check of a tracking server waits (MLflow's own client retries
@@ -308,23 +314,6 @@ def artifact_root_for(uri: str, configured: str | None) -> str | None:
     return configured
 
 
-def git_commit() -> str:
-    """The checked-out commit (``+dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}+dirty" if dirty else sha
-
-
 def _default_child_name(stage: str, tags: Mapping[str, Any]) -> str:
     """``finetune glas seed 3``: the stage, then ``key value`` pairs (dataset values bare)."""
     words = [stage]
@@ -348,6 +337,7 @@ class Tracker:
         self._parents: dict[str, str | None] = {}  # child → parent, as found or made here
         self._benchmarks: set[str] = set()  # parents: RUNNING only once a child starts
         self._logged: dict[str, dict[str, dict[int, float]]] = {}  # run → key → step → value
+        self._source = source_tags()  # on every run made here: the UI's Source column
         with store_lock(self.uri):
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
@@ -368,10 +358,16 @@ class Tracker:
                         f"(`mlflow experiments restore --experiment-id {found.experiment_id}`)"
                         " or set tracking.experiment to another name"
                     )
+                if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version
+                    self.client.set_experiment_tag(
+                        found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
                 return found.experiment_id
             try:
                 return self.client.create_experiment(
-                    name, artifact_location=location or artifact_root
+                    name,
+                    artifact_location=location or artifact_root,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -429,6 +425,7 @@ class Tracker:
             run_id = self._find(benchmark_filter(method, config_hash))
             if run_id is None:
                 all_tags = {
+                    **self._source,
                     RUN_KIND_TAG: BENCHMARK_KIND,
                     METHOD_TAG: method,
                     CONFIG_HASH_TAG: config_hash,
@@ -456,7 +453,12 @@ class Tracker:
             run_id = self._find(child_filter(parent_id, stage, tags))
             created = run_id is None
             if created:
-                all_tags = {PARENT_RUN_ID_TAG: parent_id, STAGE_TAG: stage, RUN_KIND_TAG: stage}
+                all_tags = {
+                    **self._source,
+                    PARENT_RUN_ID_TAG: parent_id,
+                    STAGE_TAG: stage,
+                    RUN_KIND_TAG: stage,
+                }
                 all_tags.update({k: str(v) for k, v in tags.items()})
                 run = self.client.create_run(
                     self.experiment_id,
@@ -564,6 +566,25 @@ class Tracker:
         self.log_metrics(run_id, changed, max(steps) + 1 if steps else 0)
         return changed
 
+    def log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
+        """The datasets ``run_id`` used (the UI's Dataset column); one already logged on the
+        run is not added again, so a re-run or resume adds nothing."""
+        if inputs:
+            with store_errors("dataset inputs", self.uri):
+                self.client.log_inputs(run_id, datasets=inputs)
+
+    def register_backbone(
+        self, run_id: str, path: Path, name: str, tags: Mapping[str, Any]
+    ) -> str | None:
+        """Log ``path`` as ``run_id``'s MLflow model and register it as ``name``
+        (``benchmark.registry``); the version, also tagged on the run."""
+        from benchmark.registry import register_backbone
+
+        with store_errors("the registered backbone", lambda: self._artifact_place(run_id)):
+            version = register_backbone(self.uri, run_id, path, name, dict(tags))
+        self.set_tags(run_id, {REGISTERED_MODEL_TAG: f"{name}/{version}"})
+        return version
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         with store_errors("tags", self.uri):
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -669,7 +690,6 @@ def open_parent(
         {
             "epochs": str(cfg.pretrain.epochs),
             "profile": cfg.profile,
-            "git_commit": git_commit(),
             "pretrain_hash": pretrain_hash(cfg),
         },
         run_name=parent_run_name(name, cfg.pretrain.epochs, cfg.profile, external),
@@ -743,6 +763,14 @@ class NullTracker(Tracker):
 
     def log_summary(self, run_id: str | None, metrics: Mapping[str, float]) -> dict[str, float]:
         return {}
+
+    def log_inputs(self, run_id: str | None, inputs: list[DatasetInput]) -> None:
+        pass
+
+    def register_backbone(
+        self, run_id: str | None, path: Path, name: str, tags: Mapping[str, Any]
+    ) -> str | None:
+        return None
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         pass

@@ -6,8 +6,11 @@ The server binds 127.0.0.1 only (runs can hold paths and configs that are nobody
 business); reach it from another machine through an SSH tunnel. The command is built here,
 not in the Makefile, so that the test starts exactly what users start.
 
-``mlflow server`` starts about nine processes (uvicorn, a job runner, its huey consumers),
-and a SIGTERM to the server alone leaves the consumers behind. So the command runs it under
+``mlflow server`` would start about nine processes (uvicorn, a job runner and its huey
+consumers for GenAI jobs this project never submits) and take ~25 s to answer; the job
+runner is switched off (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` unless the caller set
+it), which leaves uvicorn alone. A SIGTERM to the server alone could leave children behind,
+so the command runs it under
 a small supervisor (``python -m benchmark.ui server ...``, ``serve``) that starts it in a
 session of its own and, on SIGTERM, SIGINT or SIGHUP, when its own parent (``concl-bench
 ui``) goes away, or when the server exits, ends that whole session: SIGTERM, then SIGKILL
@@ -42,6 +45,8 @@ STOP_TIMEOUT_S = 10.0
 #: The signals that stop a supervised tree (kill, Ctrl-C, a closed terminal).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _POLL_S = 0.5
+#: MLflow's switch for its server-side job runner (GenAI evaluation jobs), unused here.
+JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -78,6 +83,27 @@ def server_command(
         "--workers",
         "1",
     ]
+
+
+#: The runs view of the UI's model-training workflow. MLflow 3.17's UI picks its landing
+#: view from its GenAI / Model training switch (remembered per browser, GenAI at first) or
+#: from this URL parameter, before the experiment's ``mlflow.experimentKind`` tag.
+RUNS_VIEW = "runs?workflowType=machine_learning"
+
+
+def ui_url(port: int, experiment_id: str | None, host: str = DEFAULT_HOST) -> str:
+    """The page ``make ui`` sends users to: the experiment's training runs (the experiment
+    list when the store holds none yet)."""
+    base = f"http://{host}:{port}/"
+    return f"{base}#/experiments/{experiment_id}/{RUNS_VIEW}" if experiment_id else base
+
+
+def experiment_id(store: str, name: str) -> str | None:
+    """The id of experiment ``name`` in ``store``, or None when it is not there (yet)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=store).get_experiment_by_name(name)
+    return found.experiment_id if found is not None else None
 
 
 def port_in_use(port: int, host: str = DEFAULT_HOST) -> bool:
@@ -309,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmark.ui server <mlflow server options>``: ``mlflow server`` under
     ``serve``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault(JOB_EXECUTION_ENV, "false")  # the children inherit it
     return serve([sys.executable, "-m", "mlflow", *args])
 
 

@@ -89,3 +89,9 @@ def child_filter(parent_id: str, stage: str, tags: Mapping[str, Any] | None = No
     ]
     clauses += [f"tags.{k} = '{quote(v)}'" for k, v in (tags or {}).items()]
     return " and ".join(clauses)
+
+
+#: Environment variables the CLI reads (prefixed, so a generic PROFILE or PORT set for
+#: something else never changes a benchmark); the Makefile passes its variables explicitly.
+PROFILE_ENV = "CONCL_BENCH_PROFILE"
+PORT_ENV = "CONCL_BENCH_PORT"

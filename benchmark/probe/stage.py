@@ -28,6 +28,7 @@ from benchmark.probe import tissue
 from benchmark.probe.features import build_trunk
 from benchmark.probe.knn import knn_predict
 from benchmark.probe.linear import classification_scores, linear_predict
+from benchmark.report.statistics import seed_summary
 from benchmark.tracking import NullTracker, Tracker, open_probe_run, run_status
 from benchmark.training import checkpoints as ckpt
 from benchmark.training.progress import main_printer
@@ -85,16 +86,16 @@ def scored_probes(
 
 
 def aggregate(per_seed: dict[tuple[str, str], list[dict[str, float]]]) -> dict[str, float]:
-    """``<dataset>_<probe>_<metric>_mean`` / ``_std`` (sample; 0 for one seed) and
+    """``<dataset>_<probe>_<metric>_mean`` / ``_std`` (sample; 0 for one seed) /
+    ``_ci_low`` / ``_ci_high`` (the report's interval, from two seeds on) and
     ``<dataset>_<probe>_seeds``."""
     out: dict[str, float] = {}
     for (ds, probe), runs in per_seed.items():
         if not runs:
             continue
         for metric in PROBES[(ds, probe)]:
-            values = [r[metric] for r in runs]
-            out[f"{ds}_{probe}_{metric}_mean"] = statistics.fmean(values)
-            out[f"{ds}_{probe}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            for stat, value in seed_summary([r[metric] for r in runs]).items():
+                out[f"{ds}_{probe}_{metric}_{stat}"] = value
         out[f"{ds}_{probe}_seeds"] = float(len(runs))
     return out
 

@@ -124,6 +124,18 @@ def bootstrap_ci(
     return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
+def seed_summary(values: Sequence[float]) -> dict[str, float]:
+    """What a parent run carries of one metric over its seeds: ``mean``, sample ``std`` (0 for
+    one seed) and, from two seeds on, ``ci_low``/``ci_high`` of ``bootstrap_ci`` (the
+    report's interval, so the UI's charts and the report agree)."""
+    x = [float(v) for v in values]
+    out = {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
+    ci = bootstrap_ci(x)
+    if not math.isnan(ci.low):
+        out.update(ci_low=ci.low, ci_high=ci.high)
+    return out
+
+
 def bootstrap_diff_ci(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from benchmark.core.schema import PROFILE_ENV
 from benchmark.tune import DEFAULT_JOURNAL, DEFAULT_STORAGE, TuneError
 
 
@@ -38,7 +39,7 @@ def add_tune_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        default=os.environ.get("PROFILE", "auto"),
+        default=os.environ.get(PROFILE_ENV, "auto"),
         help="paper | demo | auto (default: paper when real data is prepared, else demo)",
     )
     p.add_argument(

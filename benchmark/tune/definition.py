@@ -42,6 +42,16 @@ class SearchParam:
             return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a point of this distribution (a trial can be enqueued at it)."""
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        return self.low <= value <= self.high
+
     def edges(self) -> list[tuple[str, Any]]:
         """The extreme values, each of which must give a valid experiment config."""
         if self.type == "categorical":
@@ -86,6 +96,9 @@ class TuneConfig:
     #: ``config_hash`` of the experiment config every trial starts from (fixed budget).
     base_hash: str = ""
     tracking: dict[str, Any] = field(default_factory=dict)
+    #: The searched keys' values in the resolved config (the released recipe under this
+    #: profile), where they lie in the space: a new study's first trial runs exactly them.
+    reference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def objective_label(self) -> str:

@@ -306,12 +306,20 @@ def load_tune_config(
             except ConfigError as fixed_exc:
                 raise ConfigError(f"{src}: fixed: {fixed_exc}") from None
         raise
+    reference: dict[str, Any] = {}
     for key, param in draft.space.items():
         current = select_leaf(base, key, f"{src}: space")
         if param.type == "float" and isinstance(current, int) and not isinstance(current, bool):
             raise ConfigError(f"{src}: space '{key}' is an integer config key; use type: int")
+        if param.contains(current):
+            reference[key] = current
     _check_edges(draft.space, lambda edge: load([*layers, (_EDGES, nest(edge))]), src)
-    return replace(draft, base_hash=config_hash(base), tracking=to_container(base)["tracking"])
+    return replace(
+        draft,
+        base_hash=config_hash(base),
+        tracking=to_container(base)["tracking"],
+        reference=reference,
+    )
 
 
 #: The source of the layer holding range ends (stripped from the messages it causes).

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from benchmark.tracking import Tracker
 
 
+#: Trial user attribute marking the enqueued trial at the config's own values.
+REFERENCE_ATTR = "reference_config"
+
+
 def open_study(
     name: str, store: StudyStorage, tune: TuneConfig, storage: optuna.storages.BaseStorage
 ) -> optuna.Study:
@@ -49,6 +53,8 @@ def open_study(
             )
         study.set_user_attr(STUDY_ATTR, wanted)
         study.set_metric_names([tune.objective_label])
+        if tune.reference:  # the study's reference point: the recipe it starts from
+            study.enqueue_trial(dict(tune.reference), user_attrs={REFERENCE_ATTR: True})
         return study
     if recorded != wanted:
         differ = differences(recorded, wanted)
@@ -122,7 +128,7 @@ def _alive(pid: int) -> bool:
 
 def study_run(tracker: Tracker, name: str, store: StudyStorage, tune: TuneConfig) -> str:
     """The study's MLflow parent, found by (study, storage) tags or created; set RUNNING."""
-    from benchmark.tracking import git_commit
+    from benchmark.lineage import git_commit
 
     runs = tracker.client.search_runs(
         [tracker.experiment_id],

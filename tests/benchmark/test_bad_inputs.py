@@ -303,6 +303,14 @@ CASES = [
          ("config file", "out is a folder: name a YAML file in it")),
     Case("report with a zero delta", ("report", "--delta", "0"), ("--delta 0.0", "must be > 0")),
     Case("UI port out of range", ("ui", "--port", "70000"), ("PORT=70000 is not a TCP port",)),
+    Case("UI port variable not a number", ("ui",), ("CONCL_BENCH_PORT='http'", "set it to 1-65535"),
+         env=(("CONCL_BENCH_PORT", "http"),)),
+    Case("unknown registered backbone",
+         _finetune("models:/nope-r18-ep1/1"),
+         ("models:/nope-r18-ep1/1 is not a registered model version", "Models page")),
+    Case("registered backbone without a version",
+         _finetune("models:/nope-r18-ep1"),
+         ("names no version", "models:/nope-r18-ep1/<version>")),
     # ---- device, checkpoints and the tracking store (found before any run is touched)
     Case("pretrain.device=cuda without a GPU", _pretrain("pretrain.device=cuda"),
          ("pretrain.device=cuda but torch sees no GPU; use device=cpu or auto",),
@@ -457,7 +465,7 @@ def test_a_bad_input_is_one_line_and_touches_nothing(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for key, value in case.env:
         monkeypatch.setenv(key, value.format(tmp=tmp_path, port=_closed_port()))
-    monkeypatch.delenv("PROFILE", raising=False)
+    monkeypatch.delenv("CONCL_BENCH_PROFILE", raising=False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("written before\n")
     if case.setup is not None:

@@ -18,7 +18,12 @@ def test_aggregate_mean_and_sample_std():
     assert out["glas_segm_AP_mean"] == 42.0
     assert out["crag_bbox_AP_std"] == 0.0  # one seed
     assert (out["glas_seeds"], out["crag_seeds"]) == (2.0, 1.0)
-    assert len(out) == 10
+    # the report's percentile bootstrap over 2 seeds: resampled means are 50, 52 or 54 with
+    # probabilities 1/4, 1/2, 1/4, so the 2.5th and 97.5th percentiles are 50 and 54
+    assert (out["glas_bbox_AP_ci_low"], out["glas_bbox_AP_ci_high"]) == (50.0, 54.0)
+    assert (out["glas_segm_AP_ci_low"], out["glas_segm_AP_ci_high"]) == (40.0, 44.0)
+    assert "crag_bbox_AP_ci_low" not in out  # one seed: no interval
+    assert len(out) == 14
 
 
 def test_results_table_shows_no_spread_for_one_seed():

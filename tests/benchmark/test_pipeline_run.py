@@ -36,12 +36,8 @@ def test_random_init_benchmark_tracks_seeds_and_never_reruns(tmp_path: Path, cap
     cfg = tiny(tmp_path, "random")
     summary = run_benchmark(cfg, World())
     assert set(summary) == {
-        "glas_bbox_AP_mean",
-        "glas_bbox_AP_std",
-        "glas_segm_AP_mean",
-        "glas_segm_AP_std",
-        "glas_seeds",
-    }
+        f"glas_{m}_AP_{s}" for m in ("bbox", "segm") for s in ("mean", "std", "ci_low", "ci_high")
+    } | {"glas_seeds"}
     assert "| random | – | " in capsys.readouterr().err
     runs = children("finetune")
     assert sorted((r.data.tags["dataset"], r.data.tags["seed"]) for r in runs) == [
@@ -65,6 +61,13 @@ def test_random_init_benchmark_tracks_seeds_and_never_reruns(tmp_path: Path, cap
     assert parent.data.params["method.name"] == "random"
     assert parent.data.params["finetune.seeds"] == "2"
     assert parent.data.metrics["glas_seeds"] == 2.0
+    # the UI's Dataset column: GlaS train and test on the parent and on every seed
+    for run in (parent, *runs):
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert sorted((i.dataset.name, i.tags[0].value) for i in inputs) == [
+            ("GlaS test", "test"),
+            ("GlaS train", "train"),
+        ]
 
     files = sorted((tmp_path / "out").rglob("metrics.json"))
     assert len(files) == 2

@@ -51,7 +51,7 @@ def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(tiny, tmp_pat
     children = runs("tags.stage = 'pretrain'")
     assert len(parents) == 1 and len(children) == 1
     parent, child = parents[0], children[0]
-    for tag in ("method", "epochs", "profile", "config_hash", "git_commit"):
+    for tag in ("method", "epochs", "profile", "config_hash", "mlflow.source.git.commit"):
         assert tag in parent.data.tags
     assert parent.data.tags["method"] == "mocov2" and parent.data.tags["epochs"] == "2"
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -67,6 +67,15 @@ def test_pretrain_tracks_one_parent_and_child_and_exports_backbone(tiny, tmp_pat
     assert "images_per_sec" in child.data.metrics
     artifacts = {a.path for a in MlflowClient().list_artifacts(child.info.run_id)}
     assert {"config.yaml", "backbone.pth"} <= artifacts
+    # the Dataset column: the pre-training folder, on the child and on its parent
+    for run in (child, parent):
+        inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [
+            (Path(cfg.data.root).name, "pretrain")
+        ]
+    # the Models column and the registry: the backbone under its method and budget
+    assert child.data.tags["registered_model"] == "mocov2-r18-ep2-demo/1"
+    assert parent.data.tags["registered_model"] == "mocov2-r18-ep2-demo/1"
 
     state = torch.load(result.backbone_path, weights_only=True)
     missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)

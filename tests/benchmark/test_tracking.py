@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from benchmark.lineage import pretrain_input
 from benchmark.tracking import (
     DEFAULT_TRACKING_URI,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     PARENT_RUN_ID_TAG,
     MlflowMetrics,
     Tracker,
@@ -240,3 +246,58 @@ def test_a_killed_run_completed_by_a_rerun_ends_finished(shared: Tracker):
     with run_status(again, again.parent_run("mocov2", "abc", {})):
         pass
     assert again.status(parent) == "FINISHED"
+
+
+def test_experiment_opens_on_training_runs(tmp_path: Path):
+    """MLflow 3's UI lands on the GenAI overview unless the experiment says it is model
+    training; an experiment made by an older version gets the tag on first use."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    made = Tracker("unit", uri, str(tmp_path / "artifacts"))
+    tags = made.client.get_experiment(made.experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = made.client.create_experiment("old", artifact_location=str(tmp_path / "old"))
+    assert EXPERIMENT_KIND_TAG not in made.client.get_experiment(old).tags
+    Tracker("old", uri, str(tmp_path / "old"))
+    assert made.client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+
+
+def test_runs_carry_source_tags_and_deduplicated_inputs(tracker: Tracker, tmp_path: Path):
+    parent = tracker.parent_run("concl", "h1", {})
+    child, _ = tracker.child_run(parent, "finetune", {"dataset": "glas", "seed": 1})
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    for run in (parent, child):
+        tags = tracker.client.get_run(run).data.tags
+        assert tags["mlflow.source.git.commit"] == commit
+        assert tags["mlflow.source.name"] == "concl-bench"
+    (tmp_path / "a.png").write_bytes(b"x")
+    data = [pretrain_input(tmp_path, ["a.png"], "demo", synthetic=True)]
+    tracker.log_inputs(child, data)
+    tracker.log_inputs(child, data)  # a re-run logs the same set again: kept once
+    inputs = tracker.client.get_run(child).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [
+        (tmp_path.name, data[0].dataset.digest)
+    ]
+
+
+def test_system_metrics_sampled_when_asked(tracker: Tracker):
+    """``tracking.system_metrics=true`` samples onto the run (off by default on the CPU)."""
+    from omegaconf import OmegaConf
+
+    from benchmark.system_metrics import system_metrics, wanted
+
+    assert wanted(None, torch.device("cuda")) and not wanted(None, torch.device("cpu"))
+    assert wanted(True, torch.device("cpu")) and not wanted(False, torch.device("cuda"))
+    run = tracker.parent_run("concl", "sys", {})
+    cfg = OmegaConf.create({"tracking": {"system_metrics": True, "system_metrics_interval_s": 0.2}})
+    with system_metrics(tracker.uri, run, cfg, torch.device("cpu")):
+        time.sleep(1.0)
+    keys = tracker.client.get_run(run).data.metrics
+    assert "system/cpu_utilization_percentage" in keys
+    assert "system/system_memory_usage_megabytes" in keys
+    cfg.tracking.system_metrics = None
+    quiet = tracker.parent_run("concl", "quiet", {})
+    with system_metrics(tracker.uri, quiet, cfg, torch.device("cpu")):
+        time.sleep(0.5)
+    assert not tracker.client.get_run(quiet).data.metrics

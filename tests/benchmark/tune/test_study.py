@@ -16,7 +16,13 @@ from optuna.trial import TrialState
 from benchmark.tune import TuneError
 from benchmark.tune.objective import TrialContext
 from benchmark.tune.storage import StudyStorage
-from benchmark.tune.study import fail_dead_trials, run_study, study_run, summarize
+from benchmark.tune.study import (
+    REFERENCE_ATTR,
+    fail_dead_trials,
+    run_study,
+    study_run,
+    summarize,
+)
 from tests.benchmark.tune._helpers import WEIGHT, by_name, fake_evaluate, runs
 
 
@@ -155,3 +161,24 @@ def test_a_summary_whose_counts_change_at_the_same_trial_count_is_logged(storage
     summarize(study, tracker, run_id, store)
     assert tracker.metric_history(run_id, "n_failed") == [(0, 0.0), (1, 1.0)]
     assert tracker.metric_history(run_id, "n_complete") == [(0, 0.0)]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_a_new_study_starts_at_the_configs_own_point(storage: str):
+    """Trial 0 runs the released ConCL values (experiments/paper/concl.yaml, warm-up 1 epoch
+    from the demo overlay), so every study holds the recipe it set out to beat."""
+    study = run_study("concl", "demo", trials=2, storage=storage, evaluate=fake_evaluate)
+    first = study.trials[0]
+    assert first.params == {
+        "method.num_concepts": 8,
+        "method.concept_temperature": 0.2,
+        "method.temperature": 0.2,
+        "method.concept_weight": 1.0,
+        "method.warmup_epochs": 1,
+        "method.cluster_layer": "layer3",
+    }
+    assert first.user_attrs[REFERENCE_ATTR] is True
+    assert REFERENCE_ATTR not in study.trials[1].user_attrs
+    resumed = run_study("concl", "demo", trials=3, storage=storage, evaluate=fake_evaluate)
+    assert len(resumed.trials) == 3
+    assert sum(REFERENCE_ATTR in t.user_attrs for t in resumed.trials) == 1  # once per study
