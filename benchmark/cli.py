@@ -388,10 +388,11 @@ def _weights_path(cfg: DictConfig, weights: str | None) -> Path | None:
 
     if not is_model_uri(weights):
         return Path(weights)
-    from benchmark.tracking import tracking_uri
+    from benchmark.tracking import resolve_tracking_uri
 
     check_writable(Path(cfg.output_root), "output_root", "a writable output_root=…")
-    return fetch_backbone(tracking_uri(cfg.tracking.uri), weights, Path(cfg.output_root))
+    # read only: a wrong URI must leave the store as it was (no set-up, no lock file)
+    return fetch_backbone(resolve_tracking_uri(cfg.tracking.uri), weights, Path(cfg.output_root))
 
 
 def _preflight(cfg: DictConfig, command: str, weights: Path | None) -> None:
