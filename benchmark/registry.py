@@ -30,6 +30,7 @@ from torch import nn
 
 from benchmark.core.errors import UserError
 from benchmark.core.schema import BACKBONE
+from benchmark.training.checkpoints import save_torch
 from benchmark.transfer.weights import read_torch_state_dict
 
 MODEL_NAME = "backbone"  # the logged model's name on its run
@@ -176,7 +177,5 @@ def fetch_backbone(uri: str, model_uri: str, out_root: Path) -> Path:
         if not path.is_file():
             model = mlflow.pytorch.load_model(f"{MODELS_SCHEME}{mv.name}/{mv.version}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".pth.tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
+            save_torch(model.state_dict(), path)
     return path

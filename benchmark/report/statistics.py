@@ -17,6 +17,7 @@ against a hand computation. The choices, once, for every function below:
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -128,8 +129,8 @@ def seed_summary(values: Sequence[float]) -> dict[str, float]:
     """What a parent run carries of one metric over its seeds: ``mean``, sample ``std`` (0 for
     one seed) and, from two seeds on, ``ci_low``/``ci_high`` of ``bootstrap_ci`` (the
     report's interval, so the UI's charts and the report agree)."""
-    x = [float(v) for v in values]
-    out = {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
+    x = [float(v) for v in values]  # fmean / stdev: the digits the aggregates had before
+    out = {"mean": statistics.fmean(x), "std": statistics.stdev(x) if len(x) > 1 else 0.0}
     ci = bootstrap_ci(x)
     if not math.isnan(ci.low):
         out.update(ci_low=ci.low, ci_high=ci.high)
