@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from benchmark.core.schema import BACKBONE
 from benchmark.training.checkpoints import save_torch
 from benchmark.transfer.weights import read_torch_state_dict
 
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MODEL_NAME = "backbone"  # the logged model's name on its run
 MODELS_SCHEME = "models:/"
 #: How a user turns the registered model back into the file every stage reads.
@@ -73,13 +75,18 @@ def backbone_module(state: dict[str, torch.Tensor]) -> nn.Module:
 @contextlib.contextmanager
 def _store(uri: str) -> Iterator[None]:
     """MLflow's model API reads the process-wide tracking URI: point it at ``uri`` for the
-    call and put the previous one back, so no global state leaks into the stages."""
-    before = mlflow.get_tracking_uri()
+    call, then leave it unset again with ``MLFLOW_TRACKING_URI`` as it was. Setting the old
+    value back instead would pin it (``set_tracking_uri`` wins over the environment from then
+    on), and a later change of ``MLFLOW_TRACKING_URI`` in this process would go unseen. The
+    project never sets the URI elsewhere, so "unset" is the state to return to."""
+    env_before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+        if env_before is not None:
+            os.environ[TRACKING_URI_ENV] = env_before
 
 
 @contextlib.contextmanager

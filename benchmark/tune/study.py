@@ -271,7 +271,9 @@ def run_study(
     if storage is None and workers > 1:
         print(journal_note(workers), file=sys.stderr, flush=True)
     fail_dead_trials(study, opened, tracker)
-    first = len(study.trials)
+    # this call's trials: the enqueued ones still waiting (the reference point) and all new
+    waiting = [t.number for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    first = min(waiting, default=len(study.trials))
     taken, _ = counts(study.trials, first)
     spec = WorkerSpec(
         tune=tune.to_dict(),

@@ -79,8 +79,9 @@ def load_evaluator(ref: str | Evaluator | None) -> Evaluator:
 
 
 def counts(trials: Sequence[FrozenTrial], first_number: int) -> tuple[int, list[FrozenTrial]]:
-    """(finished or running trials, trials failed in this call)."""
-    active = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    """(finished or running trials, trials failed in this call); an enqueued (WAITING) trial
+    is a slot still to fill, which the next ``optimize`` runs first."""
+    active = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     taken = sum(t.state in active for t in trials)
     failed = [t for t in trials if t.state == TrialState.FAIL and t.number >= first_number]
     return taken, failed

@@ -35,7 +35,9 @@ def backbone(tmp_path: Path) -> Path:
     return path
 
 
-def test_register_load_and_fetch_give_backbone_pth(tmp_path: Path, backbone: Path):
+def test_register_load_and_fetch_give_backbone_pth(
+    tmp_path: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch
+):
     tracker = Tracker("concl-bench", None, str(tmp_path / "artifacts"))
     uri = tracker.uri  # the test's own store (MLFLOW_TRACKING_URI)
     parent = tracker.parent_run("mocov2", "abc", {})
@@ -52,12 +54,7 @@ def test_register_load_and_fetch_give_backbone_pth(tmp_path: Path, backbone: Pat
     assert len(tracker.client.search_model_versions(f"name = '{name}'")) == 1
 
     expected = torch.load(backbone, weights_only=True)
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        model = mlflow.pytorch.load_model(f"models:/{name}/1")
-    finally:
-        mlflow.set_tracking_uri(before)
+    model = mlflow.pytorch.load_model(f"models:/{name}/1")  # MLFLOW_TRACKING_URI is ``uri``
     got = model.state_dict()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -68,6 +65,9 @@ def test_register_load_and_fetch_give_backbone_pth(tmp_path: Path, backbone: Pat
     fetched = torch.load(path, weights_only=True)
     assert all(torch.equal(fetched[k], expected[k]) for k in expected)
     assert register_backbone(uri, child, backbone, name, {}) == "1"
+    # nothing pinned: the process still follows MLFLOW_TRACKING_URI, as the stages expect
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'other.db'}"
 
 
 def test_unknown_model_uri_is_one_line(tmp_path: Path):
