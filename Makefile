@@ -9,12 +9,12 @@ STAMP  := $(VENV)/.installed
 METHOD  ?= concl
 EPOCHS  ?=
 GPUS    ?= 1
-PROFILE ?= auto
+PROFILE ?= $(or $(CONCL_BENCH_PROFILE),auto)
 SEEDS   ?=
 WEIGHTS ?=
 ARGS    ?=
 CONFIG  ?=
-PORT    ?= 5000
+PORT    ?= $(or $(CONCL_BENCH_PORT),5000)
 BASELINE ?= mocov2
 TRIALS  ?= 10
 WORKERS ?= 1
@@ -25,16 +25,25 @@ DASHBOARD_PORT ?= 8080
 COMMON   = --profile $(PROFILE) --gpus $(GPUS) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(SEEDS),--seeds $(SEEDS)) $(foreach f,$(CONFIG),--config $(f))
 RUN_OPTS = --method $(METHOD) $(COMMON) $(ARGS)
 
-.PHONY: install data pretrain benchmark finetune table test lint format bench gpu-check ui methods report browser \
+.PHONY: install lock data pretrain benchmark finetune table test lint format bench gpu-check ui methods report browser \
 	tune tune-best dashboard
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes (or the venv is missing).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changes (or the venv is missing);
+# constraints.txt holds the exact versions the tests last passed on.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Re-pin constraints.txt to this venv (after a dependency change and a passing `make test`).
+lock: $(STAMP)
+	@{ echo "# The exact versions the test suite last passed on (Linux x86_64, CPython $$($(PY) -c 'import platform; print(platform.python_version())')); make install"; \
+	  echo "# installs within them so that a benchmark's numbers can be reproduced on the same stack."; \
+	  echo "# Regenerate after a dependency change with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^#'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 data: $(STAMP)
 	$(PY) -m benchmark data generate
