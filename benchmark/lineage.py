@@ -108,18 +108,30 @@ def dataset_input(
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
-def pretrain_input(
-    root: Path, relpaths: list[str], benchmark_profile: str, synthetic: bool
+def folder_input(
+    root: Path,
+    relpaths: list[str],
+    context: str,
+    split: str,
+    benchmark_profile: str,
+    synthetic: bool,
 ) -> DatasetInput:
-    """The pre-training set as a run's input (the folder's name, e.g. NCT-CRC-HE-100K)."""
+    """An image folder as a run's input, named after the folder (e.g. NCT-CRC-HE-100K)."""
     profile = {
-        "split": "train",
+        "split": split,
         "images": len(relpaths),
         "profile": benchmark_profile,
         "synthetic": synthetic,
     }
     digest = files_digest(Path(root), relpaths)
-    return dataset_input(Path(root).name, root, digest, "pretrain", profile)
+    return dataset_input(Path(root).name, root, digest, context, profile)
+
+
+def pretrain_input(
+    root: Path, relpaths: list[str], benchmark_profile: str, synthetic: bool
+) -> DatasetInput:
+    """The pre-training set as a run's input."""
+    return folder_input(root, relpaths, "pretrain", "train", benchmark_profile, synthetic)
 
 
 def coco_inputs(

@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.entities import DatasetInput
 from omegaconf import DictConfig
 
 from benchmark.config import probe_seeds
 from benchmark.core.contracts import World
-from benchmark.core.schema import PROBE_PER_IMAGE_FILE, PROBE_TITLES, PROBES
+from benchmark.core.schema import DATASET_TITLES, PROBE_PER_IMAGE_FILE, PROBE_TITLES, PROBES
+from benchmark.data.pretrain import PretrainImageDataset
+from benchmark.lineage import coco_inputs, folder_input
 from benchmark.probe import dense as dense_probe
 from benchmark.probe import tissue
 from benchmark.probe.features import build_trunk
@@ -173,6 +176,20 @@ def _dense(cfg: DictConfig, feats: dict[str, list], seed: int) -> tuple[dict, di
     return {**metrics, "train_images": len(feats["train"])}, {"dice": dice, "iou": iou}
 
 
+def probe_inputs(cfg: DictConfig, ds: str, gland_roots: dict[str, Path]) -> list[DatasetInput]:
+    """What a probe of ``ds`` trains and is tested on, as MLflow inputs: the labelled tissue
+    folders, or the gland set's COCO train and test splits (those of the fine-tune)."""
+    if ds != "tissue":
+        return coco_inputs(
+            DATASET_TITLES[ds], gland_roots[ds], cfg.profile, cfg.finetune[ds].synthetic
+        )
+    t = cfg.probe.tissue
+    return [
+        folder_input(root, PretrainImageDataset(root).paths, split, split, cfg.profile, t.synthetic)
+        for root, split in ((t.train_root, "train"), (t.test_root, "test"))
+    ]
+
+
 def run_probes(
     cfg: DictConfig,
     world: World,
@@ -197,6 +214,7 @@ def run_probes(
         tissue.check_roots(cfg)
     features = _Features(cfg, weights, world.device, gland_roots)
     per_seed: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in wanted}
+    inputs: dict[str, list[DatasetInput]] = {}
     for seed in range(1, probe_seeds(cfg) + 1):
         for ds, probe in wanted:
             where = out_dir / ds / probe / f"seed{seed}"
@@ -207,6 +225,9 @@ def run_probes(
             if done and scored is not None:
                 per_seed[(ds, probe)].append(scored)
                 continue
+            if ds not in inputs:
+                inputs[ds] = probe_inputs(cfg, ds, gland_roots)
+            tracker.log_inputs(child, inputs[ds])
             with run_status(tracker, child):
                 if scored is not None:  # stopped after its metrics.json, before its run ended
                     metrics = scored

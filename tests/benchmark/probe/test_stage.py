@@ -87,6 +87,14 @@ def test_probes_run_before_the_detector_as_children_and_are_never_rerun(
     tissue_run = knn[0]
     local = client.download_artifacts(tissue_run.info.run_id, PROBE_PER_IMAGE_FILE, str(tmp_path))
     assert len(json.loads(Path(local).read_text())["labels"]) == 9
+    # what each probe trained and was tested on: the Dataset column of its run
+    inputs = {
+        (i.dataset.name, i.tags[0].value, json.loads(i.dataset.profile)["images"])
+        for i in client.get_run(tissue_run.info.run_id).inputs.dataset_inputs
+    }
+    assert inputs == {("train", "train", 27), ("test", "test", 9)}
+    dense_inputs = client.get_run(dense.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in dense_inputs) == ["GlaS test", "GlaS train"]
 
     files = sorted((tmp_path / "out").rglob("probe-*/**/metrics.json"))
     assert len(files) == 6
