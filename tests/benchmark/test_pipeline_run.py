@@ -162,6 +162,36 @@ def test_finetune_scores_external_weights_under_their_own_parent(tmp_path: Path)
     assert main(missing) == 2
 
 
+def test_finetune_scores_a_registered_backbone_by_its_models_uri(tmp_path: Path):
+    import torch
+    import torchvision
+
+    from benchmark.cli import main
+    from benchmark.tracking import Tracker
+
+    state = torchvision.models.resnet18().state_dict()
+    backbone = tmp_path / "backbone.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, backbone)
+    tracker = Tracker("concl-bench", None, str(tmp_path / "artifacts"))
+    parent = tracker.parent_run("mocov2", "abc", {})
+    child, _ = tracker.child_run(parent, "pretrain", {"method": "mocov2"})
+    assert tracker.register_backbone(child, backbone, "mocov2-r18-ep1-demo", {}) == "1"
+    overrides = [
+        f"finetune.glas.raw_root={tmp_path / 'raw'}",
+        f"finetune.glas.root={tmp_path / 'coco'}",
+        f"output_root={tmp_path / 'out'}",
+        *TINY_TRANSFER,
+        "finetune.seeds=1",
+    ]
+    uri = "models:/mocov2-r18-ep1-demo/1"
+    assert main(["finetune", "--weights", uri, "--profile", "demo", *overrides]) == 0
+    fetched = tmp_path / "out" / "registry" / "mocov2-r18-ep1-demo-v1" / "backbone.pth"
+    (run,) = children("finetune")
+    assert run.info.status == "FINISHED" and run.data.params["weights"] == str(fetched)
+    expected, got = torch.load(backbone), torch.load(fetched)
+    assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in expected)
+
+
 def test_a_seed_callback_stops_the_benchmark_after_any_seed(tmp_path: Path):
     """What an Optuna pruner needs: stop after seed 1, keep its result, mark the parent KILLED."""
     seen: list[tuple[str, int, float]] = []
