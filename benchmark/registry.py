@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
+from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
@@ -34,7 +34,6 @@ from benchmark.core.schema import BACKBONE
 from benchmark.training.checkpoints import save_torch
 from benchmark.transfer.weights import read_torch_state_dict
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MODEL_NAME = "backbone"  # the logged model's name on its run
 MODELS_SCHEME = "models:/"
 #: How a user turns the registered model back into the file every stage reads.
@@ -79,14 +78,14 @@ def _store(uri: str) -> Iterator[None]:
     value back instead would pin it (``set_tracking_uri`` wins over the environment from then
     on), and a later change of ``MLFLOW_TRACKING_URI`` in this process would go unseen. The
     project never sets the URI elsewhere, so "unset" is the state to return to."""
-    env_before = os.environ.get(TRACKING_URI_ENV)
+    env_before = MLFLOW_TRACKING_URI.get()
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
         if env_before is not None:
-            os.environ[TRACKING_URI_ENV] = env_before
+            MLFLOW_TRACKING_URI.set(env_before)
 
 
 @contextlib.contextmanager
